@@ -1,0 +1,184 @@
+"""Command-line interface: ``ndpsched simulate | bench | list``.
+
+User errors (bad names, values, files) print one line and exit with status 2; the library
+never prints, the CLI does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from .errors import NdpschedError
+
+log = logging.getLogger("ndpsched")
+
+
+# ---- simulate ---------------------------------------------------------------------------------
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run configuration (flags override it)")
+    p.add_argument("--system", help="named system (policy composition); see `ndpsched list systems`")
+    p.add_argument("--model", help="model preset; see `ndpsched list models`")
+    p.add_argument("--gpu", help="GPU preset; see `ndpsched list gpus`")
+    p.add_argument("--dimms", type=int, help="number of NDP-DIMMs (1-16, default 8)")
+    p.add_argument("--batch", type=int, help="sequences per batch (default 1)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 128)")
+    p.add_argument("--gen-len", type=int, help="generated tokens (default 128)")
+    p.add_argument("--seed", type=int, help="root seed (default 0)")
+    p.add_argument("--trace", help="trace generator (skew, relullama7b) or a trace .npz file")
+    p.add_argument("--window", type=int, dest="window_tokens", help="tokens per scheduling window (default 5)")
+    p.add_argument("--partition", help="partition policy name; see `ndpsched list policies`")
+    p.add_argument("--predictor", help="predictor policy name")
+    p.add_argument("--balancer", help="balancer policy name")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. balancer.params.window=8, cost.sync_us=5, "
+                        "hardware.gpu.kernel_overhead_us=3 (repeatable)")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .config import PolicySpec, RunConfig
+
+    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    flat = {k: getattr(args, k) for k in ("system", "model", "gpu", "dimms", "batch", "prompt_len",
+                                            "gen_len", "seed", "window_tokens") if getattr(args, k) is not None}
+    data = {**cfg.to_dict(), **flat}
+    if args.trace is not None:
+        data["trace"]["source"] = args.trace
+    for role in ("partition", "predictor", "balancer"):
+        name = getattr(args, role)
+        if name is not None:
+            data[role] = {"name": name, "params": {}}
+    return RunConfig.from_dict(data).with_overrides(args.set)
+
+
+def _fmt_table(rows: list[tuple[str, str]], title: str) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [title, "-" * len(title)]
+    lines += [f"{k:<{width}}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .run import simulate
+
+    cfg = _config_from_args(args)
+    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not args.json)
+    result = simulate(cfg, progress=progress)
+    out = result.to_dict()
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+        return 0
+    c = result.config
+    total = result.prefill_s + result.decode_s
+    head = [
+        ("system", cfg.system),
+        ("model", f"{cfg.model}  (batch {cfg.batch}, prompt {cfg.prompt_len}, generate {cfg.gen_len})"),
+        ("hardware", f"{cfg.gpu} + {cfg.dimms} NDP-DIMMs"),
+        ("policies", f"partition={c['partition']['name']}  predictor={c['predictor']['name']}  "
+                     f"balancer={c['balancer']['name']}"),
+        ("trace", cfg.trace.source),
+        ("tokens/s", f"{result.tokens_per_s:.2f}  (generated tokens / (prefill + decode))"),
+        ("prefill", f"{result.prefill_s:.3f} s"),
+        ("decode", f"{result.decode_s:.3f} s  ({out['decode_ms_per_token']:.2f} ms per step)"),
+        ("hot share", f"{100 * result.hot_fraction:.1f} % of neuron activations computed on the GPU"),
+        ("DIMM imbalance", f"{result.dimm_imbalance:.3f}  (slowest DIMM / mean DIMM, per stage)"),
+        ("moves", ", ".join(f"{k} {v}" for k, v in result.moves.items())),
+        ("bytes moved", ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in result.bytes_moved.items())),
+        ("simulated in", f"{result.wall_s:.2f} s wall"),
+    ]
+    print(_fmt_table(head, "ndpsched simulate"))
+    print()
+    comp_rows = [(k, f"{v:9.4f} s  {100 * v / total:5.1f} %") for k, v in result.breakdown_s.items()]
+    comp_rows.append(("total", f"{total:9.4f} s  100.0 %"))
+    print(_fmt_table(comp_rows, "time breakdown (prefill + decode)"))
+    return 0
+
+
+# ---- bench ------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    rows = run_bench(models=args.models.split(","), batches=[int(b) for b in args.batches.split(",")],
+                     prompt_len=args.prompt_len, gen_len=args.gen_len, system=args.system, seed=args.seed,
+                     progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=2))
+        return 0
+    cols = ["model", "batch", "sim_tokens_per_s", "modelled_tokens_per_s", "ratio", "setup_s",
+            "end_to_end_tokens_per_s", "trace_gen_s"]
+    print("ndpsched bench: simulated decode tokens per second of wall time (one process, one core)")
+    print("  ".join(f"{c:>22}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{r[c]:>22.2f}" if isinstance(r[c], float) else f"{r[c]:>22}" for c in cols))
+    print("sim_tokens_per_s: decode loop only; end_to_end adds set-up (profiles, initial placement);"
+          " trace_gen_s: synthetic trace generation, once per model")
+    return 0
+
+
+# ---- list -------------------------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    from .presets import gpu_names, model_names
+    from .registry import ROLES, registry
+    from .systems import SYSTEMS
+
+    what = args.what
+    if what in ("models", "all"):
+        print("models:  " + ", ".join(model_names()))
+    if what in ("gpus", "all"):
+        print("gpus:    " + ", ".join(gpu_names()))
+    if what in ("policies", "all"):
+        for role in ROLES:
+            print(f"{role + ':':<10}" + ", ".join(registry(role).names()))
+    if what in ("systems", "all"):
+        for name, (desc, _) in sorted(SYSTEMS.items()):
+            print(f"system {name}: {desc}")
+    return 0
+
+
+# ---- entry point ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ndpsched", description="LLM decode on a GPU + NDP-DIMMs: "
+                                     "execution model and pluggable scheduling policies")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate one generation and print tokens/s and a time breakdown")
+    _add_run_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("bench", help="simulator speed: simulated tokens per second of wall time")
+    p.add_argument("--models", default="relullama-7b,llama2-70b")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--system", default="hermes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("list", help="list presets, policies and systems")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "models", "gpus", "policies", "systems"])
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except NdpschedError as exc:
+        print(f"ndpsched: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ndpsched: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Run configuration: one object that says what to simulate, loadable from YAML or flags.
+
+Every pluggable slot is ``{name, params}``; params are checked against the plug-in's own
+``Params`` dataclass, so a misspelt key fails at once with the valid keys. Dotted overrides
+(``balancer.params.window=8``, ``cost.sync_us=5``, ``hardware.gpu.kernel_overhead_us=3``) set
+any leaf and double as Optuna parameter names in sweeps.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, unknown_name
+
+DEFAULT_SYSTEM = "hermes"
+
+
+@dataclass
+class PolicySpec:
+    """A pluggable slot: registry name plus parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TraceSpec:
+    """Where activations come from: a generator name ('skew', 'relullama7b') or a .npz path."""
+
+    source: str = "skew"
+    top20_share: float = 0.8
+    token_overlap: float = 0.9
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``ndpsched simulate`` run needs (all defaults are Hermes' evaluation set-up)."""
+
+    system: str = DEFAULT_SYSTEM
+    model: str = "llama2-70b"
+    gpu: str = "rtx4090"
+    dimms: int = 8
+    batch: int = 1
+    prompt_len: int = 128
+    gen_len: int = 128
+    seed: int = 0
+    window_tokens: int = 5
+    trace: TraceSpec = field(default_factory=TraceSpec)
+    #: per-role policy overrides; a role left None takes the system's choice
+    partition: PolicySpec | None = None
+    predictor: PolicySpec | None = None
+    balancer: PolicySpec | None = None
+    #: CostParams overrides, e.g. {"sync_us": 5.0}
+    cost: dict[str, Any] = field(default_factory=dict)
+    #: hardware part overrides, e.g. {"gpu": {"kernel_overhead_us": 3.0}, "dimm": {...}}
+    hardware: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # ---- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        data = copy.deepcopy(dict(data))
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in valid:
+                raise unknown_name("config key", key, valid)
+        if isinstance(data.get("trace"), dict):
+            _check_keys(data["trace"], TraceSpec, "trace")
+            data["trace"] = TraceSpec(**data["trace"])
+        elif isinstance(data.get("trace"), str):
+            data["trace"] = TraceSpec(source=data["trace"])
+        for role in ("partition", "predictor", "balancer"):
+            value = data.get(role)
+            if isinstance(value, str):
+                data[role] = PolicySpec(value)
+            elif isinstance(value, dict):
+                _check_keys(value, PolicySpec, role)
+                data[role] = PolicySpec(value.get("name", ""), dict(value.get("params") or {}))
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "RunConfig":
+        """Apply dotted ``key=value`` overrides (values parsed as YAML scalars)."""
+        data = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
+        for dotted, value in items:
+            set_dotted(data, dotted, value)
+        return RunConfig.from_dict(data)
+
+
+def _split(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _check_keys(values: dict[str, Any], cls: type, what: str) -> None:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in valid:
+            raise unknown_name(f"key in {what}", key, valid)
+
+
+ROLES = ("partition", "predictor", "balancer")
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set one leaf of a config dict by its dotted name; unknown keys are errors.
+
+    Accepted: ``<top-level key>``, ``trace.<field>``, ``<role>.name``, ``<role>.params.<key>``,
+    ``cost.<key>`` and ``hardware.<part>.<key>`` (the last three are checked by the object they
+    configure when the run is built).
+    """
+    parts = dotted.split(".")
+    top = parts[0]
+    if top not in data:
+        raise unknown_name("config key", dotted, list(data))
+    if len(parts) == 1:
+        data[top] = value
+        return
+    if top in ROLES:
+        if data[top] is None:
+            data[top] = {"name": "", "params": {}}
+        if parts[1] == "name" and len(parts) == 2:
+            data[top]["name"] = value
+            return
+        if parts[1] == "params" and len(parts) == 3:
+            data[top]["params"][parts[2]] = value
+            return
+        raise ConfigError(f"'{dotted}': a policy slot takes {top}.name or {top}.params.<key>")
+    if top == "trace" and len(parts) == 2:
+        _check_keys({parts[1]: value}, TraceSpec, "trace")
+        data["trace"][parts[1]] = value
+        return
+    if top == "cost" and len(parts) == 2:
+        data["cost"][parts[1]] = value
+        return
+    if top == "hardware" and len(parts) == 3:
+        data["hardware"].setdefault(parts[1], {})[parts[2]] = value
+        return
+    raise ConfigError(f"'{dotted}' is not a settable key: '{top}' takes no sub-key '{'.'.join(parts[1:])}'")

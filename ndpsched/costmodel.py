@@ -1,0 +1,266 @@
+"""Execution-time model of one decode token (and of prefill) on a GPU + NDP-DIMMs.
+
+Per transformer layer, in order (Hermes section III-B; see ``docs`` in the README):
+
+1. **QKV** (sparse): hot QKV neurons on the GPU, cold ones on their home DIMM.
+   stage = max(GPU time, slowest DIMM) + merge of the partial Q/K/V vectors over DIMM-link.
+2. **Attention** on the DIMMs over the KV cache (grows with the sequence), split by KV head.
+3. **Projection** W_o (dense) on the GPU; the DIMMs are idle, so hot-neuron copies (PCIe) and
+   DIMM-to-DIMM remaps (DIMM-link) run now; what does not fit under it is *exposed*.
+4. **FFN** (sparse), like QKV, with the merge of the layer output on the DIMM side.
+
+GPU time of a sparse stage = roofline(bytes, FLOPs) + kernels x kernel overhead + 2 x T_sync
+(one sync brings the input from the DIMMs, one sends the partial result back; Hermes' formula),
+charged only when the GPU holds an active neuron of that layer and kind.
+NDP time = max(weight bytes / internal bandwidth, MACs / MAC rate) + an issue overhead.
+
+Batch: weight bytes come from the *union* of the batch's active neurons (each weight is read
+once per step), compute from the *sum* (every sequence multiplies it).
+
+All functions are vectorized over layers. Inputs are per (layer, kind) *group* counts:
+``union, total: (2L, J+1)`` active neurons per group and device (device 0 = GPU, 1+j = DIMM j),
+group ``2*layer + kind`` with kind 0 = QKV, 1 = FFN.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError, unknown_name
+from .hardware import GB, HardwareSpec
+from .models import ModelSpec
+
+#: breakdown components, in report order; they add up to the total time
+COMPONENTS = ("gpu_compute", "dimm_compute", "attention", "sync", "merge", "pcie", "dimm_link",
+              "exposed_migration", "lm_head")
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Constants of the execution model the papers leave open (Hermes section IX-style gaps).
+
+    Every field is a chosen default, documented here, and overridable (``--cost key=value``).
+    """
+
+    #: T_sync: one GPU<->DIMM synchronisation (small transfer over PCIe + stream sync), in us.
+    #: Hermes names T_sync but gives no value; ~10 us is a PCIe round trip plus a
+    #: cudaStreamSynchronize on current drivers.
+    sync_us: float = 10.0
+    #: kernels launched per sparse QKV stage on the GPU (one gathered-row GEMV)
+    gpu_kernels_qkv: int = 1
+    #: kernels per sparse FFN stage (fused up/gate gathered GEMV + down gathered GEMV)
+    gpu_kernels_ffn: int = 2
+    #: kernels for the dense output projection (one GEMV) plus residual/norm (one)
+    gpu_kernels_proj: int = 2
+    #: cost for the host to issue one NDP stage's instruction stream to a DIMM, in us (chosen)
+    ndp_issue_us: float = 1.0
+    #: how attention is split over DIMMs: 'heads' (KV heads round-robin; the busiest DIMM holds
+    #: ceil(kv_heads / J) heads, or 1/J of the sequence when heads < DIMMs) or 'even' (ideal split)
+    attention_split: str = "heads"
+    #: how partial sums are reduced over DIMMs: 'tree' (log2(J) DIMM-link hops) or 'host'
+    #: (gathered by the host at PCIe speed). Hermes does not say; 'tree' uses DIMM-link.
+    merge: str = "tree"
+    #: run the LM head on the GPU (the paper is silent; it is dense and small enough to keep)
+    lm_head_on_gpu: bool = True
+    #: prefill streams non-resident weights over PCIe overlapped with compute (FlexGen-style)
+    prefill_overlap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attention_split not in ("heads", "even"):
+            raise unknown_name("attention_split", self.attention_split, ["heads", "even"])
+        if self.merge not in ("tree", "host"):
+            raise unknown_name("merge", self.merge, ["tree", "host"])
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(f"cost parameter {f.name} must be >= 0, got {v}")
+
+
+@dataclass
+class StepsCost:
+    """Time of a run of consecutive decode steps (seconds)."""
+
+    step_s: np.ndarray            # (T,) time of each step
+    layer_s: np.ndarray           # (T, L) time of each layer in each step
+    components: dict[str, float]  # component -> seconds summed over the steps; adds up to step_s.sum()
+    dimm_imbalance: np.ndarray    # (T,) sum over stages of the slowest DIMM / sum of the mean DIMM
+
+    @property
+    def total_s(self) -> float:
+        return float(self.step_s.sum())
+
+
+class CostModel:
+    """Prices decode steps and prefill for one model on one machine."""
+
+    def __init__(self, model: ModelSpec, hw: HardwareSpec, params: CostParams | None = None) -> None:
+        self.model = model
+        self.hw = hw
+        self.params = params or CostParams()
+        p, g, d = self.params, hw.gpu, hw.dimm
+        self.n_dimms = hw.n_dimms
+        self.n_layers = model.n_layers
+        # per-kind constants, shape (2,) indexed by kind
+        self.neuron_bytes = np.array(model.neuron_bytes, dtype=np.float64)
+        self.neuron_macs = np.array(model.neuron_macs, dtype=np.float64)
+        self.out_dim = np.array([model.qkv_out_dim, model.d_model], dtype=np.float64)
+        self.gpu_kernels = np.array([p.gpu_kernels_qkv, p.gpu_kernels_ffn], dtype=np.float64)
+        # rates in bytes/s and FLOP/s
+        self.gpu_sparse_bw = g.memory_bw_gbps * GB * g.sparse_bw_efficiency
+        self.gpu_dense_bw = g.memory_bw_gbps * GB * g.dense_bw_efficiency
+        self.gpu_flops = g.fp16_tflops * 1e12 * g.compute_efficiency
+        self.kernel_s = g.kernel_overhead_us * 1e-6
+        self.sync_s = p.sync_us * 1e-6
+        self.dimm_bw = d.internal_bw_gbps * GB
+        self.ndp_macs = d.ndp_macs_per_s
+        self.ndp_issue_s = p.ndp_issue_us * 1e-6
+        self.link_bw = hw.dimm_link.bw_gbps * GB
+        self.link_lat_s = hw.dimm_link.latency_us * 1e-6
+        self.pcie_bw = hw.pcie.bw_gbps * GB
+        self._attn_share = self._attention_share()
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _attention_share(self) -> float:
+        """Fraction of a layer's attention work on the busiest DIMM."""
+        j, h = self.n_dimms, self.model.n_kv_heads
+        if self.params.attention_split == "even" or h < j:
+            return 1.0 / j
+        return float(np.ceil(h / j)) / h
+
+    def merge_s(self, batch: int) -> np.ndarray:
+        """(2,) seconds to reduce one stage's partial outputs across DIMMs (QKV, FFN)."""
+        out_bytes = self.out_dim * self.model.weight_bytes * batch
+        if self.n_dimms == 1:
+            return np.zeros(2)
+        if self.params.merge == "host":
+            return out_bytes * self.n_dimms / self.pcie_bw + self.sync_s
+        hops = np.ceil(np.log2(self.n_dimms))
+        return hops * (out_bytes / self.link_bw + self.link_lat_s)
+
+    def projection_s(self, batch: int) -> float:
+        """Dense W_o GEMV/GEMM on the GPU, with its two syncs (input from, output to the DIMMs)."""
+        m = self.model
+        t = max(m.proj_bytes_per_layer / self.gpu_dense_bw,
+                2.0 * m.d_model * m.d_model * batch / self.gpu_flops)
+        return t + self.params.gpu_kernels_proj * self.kernel_s + 2 * self.sync_s
+
+    def attention_s(self, kv_len, batch: int):
+        """Decode attention of one layer on the busiest DIMM over ``kv_len`` cached tokens.
+
+        ``kv_len`` may be an array (one entry per step); the result has its shape.
+        """
+        m = self.model
+        kv_bytes = m.kv_bytes_per_token_layer * kv_len * batch * self._attn_share
+        # q.K^T and p.V: 2 MACs per cached element per query head sharing it
+        macs = 2 * m.n_heads * m.head_dim * kv_len * batch * self._attn_share
+        return np.maximum(kv_bytes / self.dimm_bw, macs / self.ndp_macs) + self.ndp_issue_s
+
+    def lm_head_s(self, batch: int) -> float:
+        m = self.model
+        if self.params.lm_head_on_gpu:
+            t = max(m.lm_head_bytes / self.gpu_dense_bw, 2.0 * m.lm_head_bytes / m.weight_bytes * batch / self.gpu_flops)
+            return t + self.kernel_s + self.sync_s
+        # on the DIMMs, vocabulary rows split evenly
+        return m.lm_head_bytes / (self.dimm_bw * self.n_dimms) + self.ndp_issue_s
+
+    def sparse_stage_times(self, union: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """GPU compute, GPU sync and per-DIMM times of every sparse stage.
+
+        Args:
+            union: (..., 2L, J+1) active neurons per group/device, union over the batch.
+            total: (..., 2L, J+1) active neurons per group/device, summed over the batch.
+
+        Returns:
+            gpu_compute (..., L, 2), gpu_sync (..., L, 2), dimm (..., L, 2, J) in seconds.
+        """
+        lead = union.shape[:-2]
+        u = union.reshape(lead + (self.n_layers, 2, -1))
+        s = total.reshape(lead + (self.n_layers, 2, -1))
+        u_gpu, s_gpu = u[..., 0], s[..., 0]
+        busy = u_gpu > 0
+        gpu_compute = np.maximum(u_gpu * (self.neuron_bytes / self.gpu_sparse_bw),
+                                 s_gpu * (2.0 * self.neuron_macs / self.gpu_flops))
+        gpu_compute = np.where(busy, gpu_compute + self.gpu_kernels * self.kernel_s, 0.0)
+        gpu_sync = np.where(busy, 2 * self.sync_s, 0.0)
+        dimm = np.maximum(u[..., 1:] * (self.neuron_bytes / self.dimm_bw)[:, None],
+                          s[..., 1:] * (self.neuron_macs / self.ndp_macs)[:, None])
+        dimm = np.where(u[..., 1:] > 0, dimm + self.ndp_issue_s, 0.0)
+        return gpu_compute, gpu_sync, dimm
+
+    # ---- decode steps -----------------------------------------------------------------------
+    def steps_cost(self, union: np.ndarray, total: np.ndarray, kv_len: np.ndarray, batch: int,
+                   migration_pcie_bytes: np.ndarray | None = None,
+                   migration_link_s: np.ndarray | None = None) -> StepsCost:
+        """Price T consecutive decode steps at once (vectorized over steps and layers).
+
+        Args:
+            union, total: (T, 2L, J+1) active-neuron counts per step (see :meth:`sparse_stage_times`).
+            kv_len: (T,) cached tokens attended to at each step (this token included).
+            batch: sequences in the batch.
+            migration_pcie_bytes: (L,) hot-neuron copy bytes DIMM->GPU, done in the first step.
+            migration_link_s: (L,) DIMM-link time of remaps (busiest port), done in the first step.
+        """
+        union = np.asarray(union, dtype=np.float64)
+        total = np.asarray(total, dtype=np.float64)
+        if union.ndim == 2:
+            union, total = union[None], total[None]
+        T, L = union.shape[0], self.n_layers
+        kv_len = np.broadcast_to(np.asarray(kv_len, dtype=np.float64), (T,))
+        gpu_c, gpu_sync, dimm = self.sparse_stage_times(union, total)     # (T,L,2), (T,L,2), (T,L,2,J)
+        dimm_max = dimm.max(axis=-1)
+        gpu_side = gpu_c + gpu_sync
+        gpu_critical = gpu_side >= dimm_max
+        stage = np.maximum(gpu_side, dimm_max)                              # (T, L, 2)
+        merge = self.merge_s(batch).sum()
+        attn = self.attention_s(kv_len, batch)                              # (T,)
+        proj = self.projection_s(batch)
+        exposed = np.zeros((T, L))
+        if migration_pcie_bytes is not None or migration_link_s is not None:
+            pcie_s = np.zeros(L) if migration_pcie_bytes is None else migration_pcie_bytes / self.pcie_bw
+            link_s = np.zeros(L) if migration_link_s is None else migration_link_s
+            exposed[0] = np.maximum(0.0, np.maximum(pcie_s, link_s) - proj)
+        layer = stage.sum(axis=-1) + (merge + proj) + attn[:, None] + exposed
+        lm = self.lm_head_s(batch)
+        step = layer.sum(axis=1) + lm
+        proj_sync = 2 * self.sync_s
+        gpu_part = np.where(gpu_critical, gpu_c, 0.0).sum()
+        sync_part = np.where(gpu_critical, gpu_sync, 0.0).sum()
+        comps = {
+            "gpu_compute": float(gpu_part + T * L * (proj - proj_sync)),
+            "dimm_compute": float(stage.sum() - gpu_part - sync_part),
+            "attention": float(L * attn.sum()),
+            "sync": float(sync_part + T * L * proj_sync),
+            "merge": float(T * L * merge) if self.params.merge == "host" else 0.0,
+            "pcie": 0.0,
+            "dimm_link": float(T * L * merge) if self.params.merge == "tree" else 0.0,
+            "exposed_migration": float(exposed.sum()),
+            "lm_head": float(T * lm),
+        }
+        mean_busy = dimm.mean(axis=-1).sum(axis=(1, 2))
+        imbalance = np.where(mean_busy > 0, dimm_max.sum(axis=(1, 2)) / np.maximum(mean_busy, 1e-300), 1.0)
+        return StepsCost(step_s=step, layer_s=layer, components=comps, dimm_imbalance=imbalance)
+
+    # ---- prefill --------------------------------------------------------------------------
+    def prefill_cost(self, prompt_len: int, batch: int) -> dict[str, float]:
+        """Prefill of ``batch`` prompts of ``prompt_len`` tokens on the GPU, weights streamed.
+
+        Sparse (QKV + FFN) weights of every layer cross PCIe once (FlexGen-style, overlapped
+        with the previous layer's compute when ``prefill_overlap``); the dense W_o and LM head
+        are resident. Hot neurons are kept on the GPU as they pass (Hermes: "after prefill only
+        the selected hot neurons are loaded").
+        """
+        m = self.model
+        tokens = prompt_len * batch
+        stream = m.sparse_bytes_per_layer / self.pcie_bw
+        dense_flops = 2.0 * tokens * (m.layer_bytes / m.weight_bytes)
+        # causal attention: QK^T and PV over on average prompt_len / 2 keys
+        attn_flops = 2.0 * 2 * batch * m.n_heads * m.head_dim * prompt_len * prompt_len / 2
+        compute = (dense_flops + attn_flops) / self.gpu_flops + 6 * self.kernel_s
+        per_layer = max(stream, compute) if self.params.prefill_overlap else stream + compute
+        lm = self.lm_head_s(batch)
+        return {
+            "pcie": self.n_layers * (per_layer - compute if per_layer > compute else 0.0),
+            "gpu_compute": self.n_layers * compute + lm,
+        }

@@ -1,0 +1,278 @@
+"""Policy interfaces: partition, predictor, balancer; and what they see.
+
+A scheduler is made of three roles. Each public method validates, a protected hook implements
+(SB3's ``predict`` -> ``_predict``): a policy writes only ``_initial`` / ``_update`` /
+``_predict`` and the base class checks shapes, device ids and capacities, raising errors that
+name the layer or DIMM at fault.
+
+Online decisions happen once per *window* of tokens (Hermes: 5); a policy sees the window's
+activity (:class:`WindowActivity`) and returns moves, which the execution model prices
+(PCIe copies for promotions, DIMM-link transfers for remaps) and hides under the projection
+when they fit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .costmodel import CostModel
+from .errors import CapacityError, ConfigError
+from .hardware import HardwareSpec
+from .models import KIND_NAMES, ModelSpec
+from .trace import NeuronLayout
+
+
+@dataclass
+class SchedContext:
+    """Everything a policy may read when it decides (shared, read-only arrays)."""
+
+    model: ModelSpec
+    hw: HardwareSpec
+    cost: CostModel
+    layout: NeuronLayout
+    batch: int
+    window_tokens: int
+    #: (N,) offline-profiled activation frequency of every neuron (Hermes: C4/Pile profile)
+    offline_freqs: np.ndarray
+    #: (N,) activation frequency during this batch's prompt (what the host records in prefill)
+    prefill_freqs: np.ndarray
+    #: bytes of GPU memory available for hot-neuron copies
+    gpu_budget_bytes: float
+    #: bytes of each DIMM available for weights (capacity minus its KV-cache and dense share)
+    dimm_budget_bytes: float
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+
+    def __post_init__(self) -> None:
+        self.group_of = self.layout.group_of()          # (N,) int32, 2*layer + kind
+        self.layer_of = self.group_of // 2              # (N,) int32
+        self.kind_of = (self.group_of % 2).astype(np.int8)
+        self.neuron_bytes = np.asarray(self.model.neuron_bytes, dtype=np.float64)[self.kind_of]
+
+    @property
+    def n_neurons(self) -> int:
+        return self.layout.n_neurons
+
+    @property
+    def n_dimms(self) -> int:
+        return self.hw.n_dimms
+
+    def describe_group(self, group: int) -> str:
+        return f"layer {group // 2} {KIND_NAMES[group % 2]}"
+
+
+@dataclass
+class Placement:
+    """Where every neuron lives: its home DIMM (weights always stay there) and GPU copies.
+
+    Attributes:
+        on_gpu: (N,) bool, a copy is on the GPU and the neuron is computed there (hot).
+        home_dimm: (N,) int16 in 0..J-1, the DIMM holding the neuron's weights (cold compute).
+    """
+
+    on_gpu: np.ndarray
+    home_dimm: np.ndarray
+
+    def device(self) -> np.ndarray:
+        """(N,) int16: compute device, 0 = GPU, 1 + j = DIMM j."""
+        return np.where(self.on_gpu, 0, self.home_dimm.astype(np.int16) + 1).astype(np.int16)
+
+    def copy(self) -> "Placement":
+        return Placement(self.on_gpu.copy(), self.home_dimm.copy())
+
+
+@dataclass
+class PartitionMoves:
+    """Online hot/cold change: copy ``promote`` to the GPU (PCIe), drop ``evict`` (free)."""
+
+    promote: np.ndarray
+    evict: np.ndarray
+
+
+@dataclass
+class BalanceMoves:
+    """Online remap: neuron ``neurons[k]`` moves to DIMM ``dest[k]`` over DIMM-link."""
+
+    neurons: np.ndarray
+    dest: np.ndarray
+
+
+class WindowActivity:
+    """What happened in the last window of tokens, for online policies.
+
+    Attributes:
+        t0, t1: token range [t0, t1) of the window.
+        device_load: (2L, J+1) float, neuron activations per (layer, kind) group and device,
+            summed over the window's tokens and the batch (Hermes' Z_j per layer).
+        active: (N,) uint8, in how many sequences of the batch each neuron is active now.
+    """
+
+    def __init__(self, t0: int, t1: int, device_load: np.ndarray, active: np.ndarray,
+                 tracker: "ActivityTracker | None") -> None:
+        self.t0, self.t1 = t0, t1
+        self.device_load = device_load
+        self.active = active
+        self._tracker = tracker
+
+    def neuron_counts(self, idx: np.ndarray) -> np.ndarray:
+        """Active-token counts in this window (summed over the batch) of neurons ``idx``.
+
+        Only available to policies that set ``uses_neuron_activity = True``; O(len(idx)).
+        """
+        if self._tracker is None:
+            raise ConfigError("neuron_counts() needs a policy with uses_neuron_activity = True")
+        return self._tracker.window_counts(idx, self.t1)
+
+
+class ActivityTracker:
+    """Lazy per-neuron active-token integral over the current window, O(toggles) per token.
+
+    For each neuron we keep the window id and token of its last toggle and the integral of its
+    active count since the window start up to that toggle; a neuron with no toggle in the window
+    was constant, so its count is (current count) x (window length).
+    """
+
+    def __init__(self, n_neurons: int) -> None:
+        self.acc = np.zeros(n_neurons, dtype=np.int32)
+        self.last = np.zeros(n_neurons, dtype=np.int32)
+        self.stamp = np.full(n_neurons, -1, dtype=np.int32)
+        self.window = 0
+        self.w_start = 0
+
+    def start_window(self, token: int) -> None:
+        self.window += 1
+        self.w_start = token
+
+    def before_change(self, idx: np.ndarray, count_before: np.ndarray, token: int) -> None:
+        """Record that neurons ``idx`` (unique) change count at ``token``; call before the change."""
+        fresh = self.stamp[idx] != self.window
+        since = np.where(fresh, self.w_start, self.last[idx])
+        base = np.where(fresh, 0, self.acc[idx])
+        self.acc[idx] = base + count_before.astype(np.int32) * (token - since)
+        self.last[idx] = token
+        self.stamp[idx] = self.window
+
+    def window_counts(self, idx: np.ndarray, now: int) -> np.ndarray:
+        """Active-token counts of neurons ``idx`` from the window start up to token ``now``."""
+        fresh = self.stamp[idx] != self.window
+        cur = self._active[idx].astype(np.int64)
+        return np.where(fresh, cur * (now - self.w_start), self.acc[idx] + cur * (now - self.last[idx]))
+
+    def bind(self, active: np.ndarray) -> None:
+        """Attach the live (N,) active-count array the simulator updates in place."""
+        self._active = active
+
+
+class Policy:
+    """Base of all policies. Subclasses may define a ``Params`` dataclass of their constants."""
+
+    Params: ClassVar[type | None] = None
+    registered_name: ClassVar[str] = ""
+    #: set True when the policy calls ``WindowActivity.neuron_counts`` (costs O(toggles)/token)
+    uses_neuron_activity: ClassVar[bool] = False
+
+    def __init__(self, params: Any = None) -> None:
+        if params is None and self.Params is not None:
+            params = self.Params()
+        self.params = params
+        self.ctx: SchedContext | None = None
+
+    def reset(self, ctx: SchedContext) -> None:
+        """Called once per run before any decision."""
+        self.ctx = ctx
+
+    def describe(self) -> dict[str, Any]:
+        from dataclasses import asdict, is_dataclass
+        params = asdict(self.params) if is_dataclass(self.params) else {}
+        return {"name": self.registered_name, "params": params}
+
+
+class PartitionPolicy(Policy):
+    """Decides which neurons are hot (computed on the GPU from a GPU copy)."""
+
+    def initial_partition(self, ctx: SchedContext) -> np.ndarray:
+        """(N,) bool hot set after prefill; checked against the GPU budget."""
+        self.reset(ctx)
+        on_gpu = np.asarray(self._initial(ctx))
+        if on_gpu.shape != (ctx.n_neurons,) or on_gpu.dtype != bool:
+            raise ConfigError(f"partition '{self.registered_name}' returned {on_gpu.dtype} array of shape "
+                              f"{on_gpu.shape}, expected bool of shape ({ctx.n_neurons},)")
+        check_gpu_capacity(ctx, on_gpu, f"partition '{self.registered_name}'")
+        return on_gpu
+
+    def update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
+        """Online adjustment at a window end; the result is validated by the simulator."""
+        return self._update(window, placement)
+
+    def _initial(self, ctx: SchedContext) -> np.ndarray:
+        raise NotImplementedError  # abstract: every partition policy decides its hot set
+
+    def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
+        return None
+
+
+class BalancerPolicy(Policy):
+    """Decides which DIMM holds each neuron's weights (and computes it while it is cold)."""
+
+    def initial_mapping(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
+        """(N,) int16 home DIMM of every neuron; checked against each DIMM's budget."""
+        self.reset(ctx)
+        home = np.asarray(self._initial(ctx, on_gpu))
+        if home.shape != (ctx.n_neurons,) or not np.issubdtype(home.dtype, np.integer):
+            raise ConfigError(f"balancer '{self.registered_name}' returned {home.dtype} array of shape "
+                              f"{home.shape}, expected integers of shape ({ctx.n_neurons},)")
+        if home.size and (home.min() < 0 or home.max() >= ctx.n_dimms):
+            raise ConfigError(f"balancer '{self.registered_name}' placed a neuron on DIMM "
+                              f"{int(home.max() if home.max() >= ctx.n_dimms else home.min())}; valid DIMMs are "
+                              f"0..{ctx.n_dimms - 1}")
+        home = home.astype(np.int16)
+        check_dimm_capacity(ctx, home, f"balancer '{self.registered_name}'")
+        return home
+
+    def update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+        return self._update(window, placement)
+
+    def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
+        raise NotImplementedError  # abstract
+
+    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+        return None
+
+
+class PredictorPolicy(Policy):
+    """Predicts which neurons fire; the execution model computes the predicted set.
+
+    Per token the simulator passes the true on/off toggles (the host learns each layer's true
+    activity as it is computed) and receives the toggles of the *computed* set.
+    """
+
+    def start(self, ctx: SchedContext, active: np.ndarray) -> None:
+        """Called once at the first decode token with the batch's (N,) active counts."""
+        self.reset(ctx)
+
+    def predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (on, off) toggles of the computed set for ``token``."""
+        return self._predict(token, on, off)
+
+    def _predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError  # abstract
+
+
+# ---- capacity checks ------------------------------------------------------------------------
+def check_gpu_capacity(ctx: SchedContext, on_gpu: np.ndarray, who: str) -> None:
+    used = float(ctx.neuron_bytes[on_gpu].sum())
+    if used > ctx.gpu_budget_bytes * (1 + 1e-9):
+        per_layer = np.bincount(ctx.layer_of[on_gpu], weights=ctx.neuron_bytes[on_gpu], minlength=ctx.model.n_layers)
+        worst = int(np.argmax(per_layer))
+        raise CapacityError(f"{who} puts {used / 1e9:.2f} GB of hot neurons on the GPU, over its budget of "
+                            f"{ctx.gpu_budget_bytes / 1e9:.2f} GB (largest share: layer {worst}, "
+                            f"{per_layer[worst] / 1e9:.2f} GB)")
+
+
+def check_dimm_capacity(ctx: SchedContext, home: np.ndarray, who: str) -> None:
+    per_dimm = np.bincount(home, weights=ctx.neuron_bytes, minlength=ctx.n_dimms)
+    worst = int(np.argmax(per_dimm))
+    if per_dimm[worst] > ctx.dimm_budget_bytes * (1 + 1e-9):
+        raise CapacityError(f"{who} puts {per_dimm[worst] / 1e9:.2f} GB of weights on DIMM {worst}, over its "
+                            f"budget of {ctx.dimm_budget_bytes / 1e9:.2f} GB")

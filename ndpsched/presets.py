@@ -1,0 +1,110 @@
+"""Load hardware and model presets shipped as YAML under ``ndpsched/presets/``.
+
+Presets are data: a user adds a GPU or model by passing a mapping (or a YAML file of their own)
+with the same keys; every key is checked against the spec dataclass.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, unknown_name
+from .hardware import DimmLinkSpec, DimmSpec, GpuSpec, HardwareSpec, HostCpuSpec, PcieSpec, spec_fields
+from .models import ModelSpec
+
+DEFAULT_GPU = "rtx4090"
+DEFAULT_DIMM = "ddr4-3200-ndp"
+DEFAULT_HOST = "i9-13900k"
+DEFAULT_N_DIMMS = 8  # Hermes Table II: 8 NDP-DIMMs
+
+
+@functools.lru_cache(maxsize=None)
+def _load_yaml(filename: str) -> dict[str, Any]:
+    text = resources.files("ndpsched").joinpath("presets", filename).read_text()
+    return yaml.safe_load(text)
+
+
+def build_spec(cls: type, values: Mapping[str, Any], what: str):
+    """Instantiate ``cls`` from a mapping, naming any unknown key and the valid ones."""
+    valid = spec_fields(cls)
+    for key in values:
+        if key not in valid:
+            raise unknown_name(f"key in {what}", key, valid)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a missing required field
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def gpu_names() -> list[str]:
+    return sorted(_load_yaml("gpus.yaml"))
+
+
+def model_names() -> list[str]:
+    return sorted(_load_yaml("models.yaml"))
+
+
+def dimm_names() -> list[str]:
+    return sorted(_load_yaml("platform.yaml")["dimm"])
+
+
+def load_gpu(name: str, **overrides: Any) -> GpuSpec:
+    table = _load_yaml("gpus.yaml")
+    if name not in table:
+        raise unknown_name("GPU", name, table)
+    return build_spec(GpuSpec, {"name": name, **table[name], **overrides}, f"GPU preset '{name}'")
+
+
+def load_model(name: str, **overrides: Any) -> ModelSpec:
+    table = _load_yaml("models.yaml")
+    if name not in table:
+        raise unknown_name("model", name, table)
+    return build_spec(ModelSpec, {"name": name, **table[name], **overrides}, f"model preset '{name}'")
+
+
+def load_dimm(name: str = DEFAULT_DIMM, **overrides: Any) -> DimmSpec:
+    table = _load_yaml("platform.yaml")["dimm"]
+    if name not in table:
+        raise unknown_name("DIMM", name, table)
+    return build_spec(DimmSpec, {"name": name, **table[name], **overrides}, f"DIMM preset '{name}'")
+
+
+def load_hardware(
+    gpu: str = DEFAULT_GPU,
+    n_dimms: int = DEFAULT_N_DIMMS,
+    dimm: str = DEFAULT_DIMM,
+    pcie_gen: int | None = None,
+    host: str = DEFAULT_HOST,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> HardwareSpec:
+    """Assemble a :class:`HardwareSpec` from presets.
+
+    Args:
+        gpu: GPU preset name.
+        n_dimms: number of NDP-DIMMs (1-16).
+        dimm: DIMM preset name.
+        pcie_gen: PCIe generation; default the GPU's own.
+        host: host CPU preset name.
+        overrides: per-part field overrides, e.g. ``{"gpu": {"kernel_overhead_us": 3.0},
+            "dimm": {"bw_efficiency": 0.8}, "dimm_link": {...}, "pcie": {...}, "host": {...}}``.
+    """
+    overrides = dict(overrides or {})
+    parts = ("gpu", "dimm", "dimm_link", "pcie", "host")
+    for key in overrides:
+        if key not in parts:
+            raise unknown_name("hardware part", key, parts)
+    platform = _load_yaml("platform.yaml")
+    gpu_spec = load_gpu(gpu, **overrides.get("gpu", {}))
+    dimm_spec = load_dimm(dimm, **overrides.get("dimm", {}))
+    link = build_spec(DimmLinkSpec, {**platform["dimm_link"], **overrides.get("dimm_link", {})}, "dimm_link")
+    pcie_values = {"gen": pcie_gen or gpu_spec.pcie_gen, **platform["pcie"], **overrides.get("pcie", {})}
+    pcie = build_spec(PcieSpec, pcie_values, "pcie")
+    hosts = platform["host"]
+    if host not in hosts:
+        raise unknown_name("host CPU", host, hosts)
+    host_spec = build_spec(HostCpuSpec, {"name": host, **hosts[host], **overrides.get("host", {})}, f"host '{host}'")
+    return HardwareSpec(gpu=gpu_spec, dimm=dimm_spec, n_dimms=n_dimms, dimm_link=link, pcie=pcie, host=host_spec)

@@ -1,0 +1,76 @@
+"""Build a simulation from a :class:`RunConfig` and run it (the path every front end uses)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .config import ROLES, PolicySpec, RunConfig
+from .costmodel import CostParams
+from .errors import unknown_name
+from .models import ModelSpec
+from .presets import build_spec, load_hardware, load_model
+from .registry import registry
+from .simulator import SimResult, Simulator
+from .systems import system_policies
+from .trace import ActivationTrace
+from .tracegen import TRACE_GENERATORS, synthetic_trace
+
+
+def resolve_policies(cfg: RunConfig) -> dict[str, PolicySpec]:
+    """The system's policies with the config's per-role overrides applied.
+
+    A role override with an empty name keeps the system's policy and merges the params.
+    """
+    specs = system_policies(cfg.system)
+    for role in ROLES:
+        override = getattr(cfg, role)
+        if override is None:
+            continue
+        if override.name and override.name != specs[role].name:
+            specs[role] = PolicySpec(override.name, dict(override.params))
+        else:
+            specs[role] = PolicySpec(specs[role].name, {**specs[role].params, **override.params})
+    return specs
+
+
+def load_trace(cfg: RunConfig, model: ModelSpec) -> ActivationTrace:
+    """The activation trace a config names: a generator or a ``.npz`` file."""
+    src = cfg.trace.source
+    if src in TRACE_GENERATORS:
+        return synthetic_trace(model, cfg.prompt_len + cfg.gen_len, cfg.batch, source=src,
+                               top20_share=cfg.trace.top20_share, token_overlap=cfg.trace.token_overlap,
+                               seed=cfg.seed)
+    if not src.endswith(".npz") and not Path(src).exists():
+        raise unknown_name("trace generator (or an existing .npz file)", src, TRACE_GENERATORS)
+    trace = ActivationTrace.load(src)
+    trace.check_model(model)
+    return trace
+
+
+def build_simulator(cfg: RunConfig, trace: ActivationTrace | None = None) -> Simulator:
+    """Validate ``cfg`` and assemble the simulator (presets, policies, trace)."""
+    model = load_model(cfg.model)
+    hw = load_hardware(cfg.gpu, cfg.dimms, overrides=cfg.hardware)
+    cost_params = build_spec(CostParams, cfg.cost, "cost parameters")
+    specs = resolve_policies(cfg)
+    policies = {role: registry(role).create(spec.name, spec.params) for role, spec in specs.items()}
+    if trace is None:
+        trace = load_trace(cfg, model)
+    else:
+        trace.check_model(model)
+    return Simulator(model, hw, trace, policies["partition"], policies["predictor"], policies["balancer"],
+                     batch=cfg.batch, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                     window_tokens=cfg.window_tokens, cost_params=cost_params, seed=cfg.seed)
+
+
+def simulate(cfg: RunConfig, trace: ActivationTrace | None = None, progress: bool = False) -> SimResult:
+    """Run one configuration; the result carries the fully resolved configuration."""
+    sim = build_simulator(cfg, trace)
+    result = sim.run(progress=progress)
+    resolved: dict[str, Any] = cfg.to_dict()
+    for role, policy in (("partition", sim.partition), ("predictor", sim.predictor), ("balancer", sim.balancer)):
+        resolved[role] = policy.describe()
+    resolved["cost"] = dataclasses.asdict(sim.cost.params)
+    result.config = resolved
+    return result
