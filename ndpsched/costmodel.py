@@ -229,7 +229,7 @@ class CostModel:
         sync_part = np.where(gpu_critical, gpu_sync, 0.0).sum()
         comps = {
             "gpu_compute": float(gpu_part + T * L * (proj - proj_sync)),
-            "dimm_compute": float(stage.sum() - gpu_part - sync_part),
+            "dimm_compute": float(np.where(gpu_critical, 0.0, dimm_max).sum()),
             "attention": float(L * attn.sum()),
             "sync": float(sync_part + T * L * proj_sync),
             "merge": float(T * L * merge) if self.params.merge == "host" else 0.0,

@@ -149,7 +149,7 @@ class ActivityTracker:
         fresh = self.stamp[idx] != self.window
         since = np.where(fresh, self.w_start, self.last[idx])
         base = np.where(fresh, 0, self.acc[idx])
-        self.acc[idx] = base + count_before.astype(np.int32) * (token - since)
+        self.acc[idx] = base + np.asarray(count_before, dtype=np.int64) * (token - since)
         self.last[idx] = token
         self.stamp[idx] = self.window
 

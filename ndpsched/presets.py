@@ -5,6 +5,7 @@ with the same keys; every key is checked against the spec dataclass.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from importlib import resources
@@ -29,15 +30,34 @@ def _load_yaml(filename: str) -> dict[str, Any]:
 
 
 def build_spec(cls: type, values: Mapping[str, Any], what: str):
-    """Instantiate ``cls`` from a mapping, naming any unknown key and the valid ones."""
-    valid = spec_fields(cls)
-    for key in values:
-        if key not in valid:
-            raise unknown_name(f"key in {what}", key, valid)
+    """Instantiate ``cls`` from a mapping, naming any unknown key and the valid ones.
+
+    Numeric fields accept numbers written as strings (YAML 1.1 reads ``24.0e9`` as a string).
+    """
+    types = {f.name: f.type for f in dataclasses.fields(cls) if f.init}
+    values = dict(values)
+    for key, value in values.items():
+        if key not in types:
+            raise unknown_name(f"key in {what}", key, list(types))
+        kind = types[key] if isinstance(types[key], str) else getattr(types[key], "__name__", "")
+        if kind in ("float", "int") and not isinstance(value, bool):
+            try:
+                values[key] = float(value) if kind == "float" else _as_int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{what}: {key} must be a number, got {value!r}") from None
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{what}: {key} must be true or false, got {value!r}")
     try:
         return cls(**values)
     except TypeError as exc:  # a missing required field
         raise ConfigError(f"{what}: {exc}") from None
+
+
+def _as_int(value: Any) -> int:
+    number = float(value)
+    if number != int(number):
+        raise ValueError(value)
+    return int(number)
 
 
 def gpu_names() -> list[str]:

@@ -161,10 +161,10 @@ class Simulator:
         key_dtype = np.int16 if K < 2**15 else np.int32
         key_of = (group * n_dev + placement.device()).astype(key_dtype)
 
-        # batch activity at the first decode token
+        # batch activity at the last prompt token; the first decode step applies token P's toggles
         active = np.zeros(self.layout.n_neurons, dtype=np.uint8)
         for s in range(B):
-            active += self.trace.active(s, P).astype(np.uint8)
+            active += self.trace.active(s, P - 1).astype(np.uint8)
         predictors = [copy.deepcopy(self.predictor) for _ in range(B)]
         for pred in predictors:
             pred.start(ctx, active)
@@ -260,6 +260,9 @@ class Simulator:
                     tracker.start_window(P + w1)
         if bar is not None:
             bar.close()
+        # final incremental state, kept for inspection and for tests that recount it from scratch
+        self.final_placement = placement
+        self.final_counts = {"total": total.reshape(2 * L, n_dev).copy(), "union": union.reshape(2 * L, n_dev).copy()}
 
         decode_s = float(token_s.sum())
         prefill_s = float(sum(prefill.values()))

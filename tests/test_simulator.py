@@ -1,0 +1,159 @@
+"""The decode loop: incremental counts equal a from-scratch recount; moves; capacity; seeds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from ndpsched.config import RunConfig
+from ndpsched.errors import CapacityError, ConfigError, TraceError
+from ndpsched.policy import BalanceMoves, BalancerPolicy, PartitionMoves, PartitionPolicy
+from ndpsched.presets import load_hardware, load_model
+from ndpsched.registry import registry
+from ndpsched.run import simulate
+from ndpsched.simulator import Simulator
+from ndpsched.tracegen import synthetic_trace
+
+from .conftest import TINY_HW, recount
+
+
+class ShuffleBalancer(BalancerPolicy):
+    """Test policy: every window, moves 10 random neurons to random DIMMs."""
+
+    registered_name = "test.shuffle"
+    uses_neuron_activity = True
+
+    def _initial(self, ctx, on_gpu):
+        return (np.arange(ctx.n_neurons) % ctx.n_dimms).astype(np.int16)
+
+    def _update(self, window, placement):
+        idx = self.ctx.rng.choice(self.ctx.n_neurons, 10, replace=False)
+        counts = window.neuron_counts(idx)
+        assert counts.min() >= 0 and counts.max() <= (window.t1 - window.t0) * self.ctx.batch
+        return BalanceMoves(idx, self.ctx.rng.integers(0, self.ctx.n_dimms, 10))
+
+
+class SwapPartition(PartitionPolicy):
+    """Test policy: starts with top-k; every window evicts 3 hot neurons and promotes 3 cold ones."""
+
+    registered_name = "test.swap"
+
+    def _initial(self, ctx):
+        return registry("partition").create("topk").initial_partition(ctx)
+
+    def _update(self, window, placement):
+        hot, cold = np.flatnonzero(placement.on_gpu), np.flatnonzero(~placement.on_gpu)
+        evict = self.ctx.rng.choice(hot, 3, replace=False)
+        promote = self.ctx.rng.choice(cold, 3, replace=False)
+        # promote only what fits after the eviction: same kind for same bytes
+        promote = np.array([self.ctx.rng.choice(cold[self.ctx.kind_of[cold] == self.ctx.kind_of[e]]) for e in evict])
+        promote = np.unique(promote)
+        return PartitionMoves(promote, evict[: len(promote)] if len(promote) < 3 else evict)
+
+
+def _sim(model, hw, trace, partition, balancer, batch, gen_len=30, prompt_len=12, **kw):
+    return Simulator(model, hw, trace, partition, registry("predictor").create("oracle"), balancer,
+                     batch=batch, prompt_len=prompt_len, gen_len=gen_len, **kw)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_incremental_counts_equal_recount(batch, tiny_model, tiny_hw, tiny_trace):
+    sim = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), batch)
+    result = sim.run()
+    assert result.moves["remapped"] > 0 and result.moves["promoted"] > 0
+    n_dev = tiny_hw.n_dimms + 1
+    from ndpsched.trace import NeuronLayout
+    group = NeuronLayout.of(tiny_model).group_of()
+    total, union = recount(tiny_trace, sim.final_placement.device(), group, n_dev, 12 + 30 - 1, batch)
+    assert np.array_equal(sim.final_counts["total"], total)
+    assert np.array_equal(sim.final_counts["union"], union)
+    assert result.bytes_moved["dimm_link"] > 0 and result.bytes_moved["pcie"] > 0
+
+
+def test_breakdown_adds_up_and_tokens_per_s(tiny_model, tiny_hw, tiny_trace):
+    cfg = RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30)
+    r = simulate(cfg, trace=tiny_trace)
+    assert sum(r.breakdown_s.values()) == pytest.approx(r.prefill_s + r.decode_s)
+    assert r.tokens_per_s == pytest.approx(30 / (r.prefill_s + r.decode_s))
+    assert 0 < r.hot_fraction < 1
+    assert r.config["partition"]["name"] == "topk"
+
+
+def test_same_seed_same_result(tiny_trace):
+    cfg = RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30, system="random", seed=5)
+    a, b = simulate(cfg, trace=tiny_trace), simulate(cfg, trace=tiny_trace)
+    assert a.tokens_per_s == b.tokens_per_s and np.array_equal(a.token_s, b.token_s)
+    c = simulate(cfg.with_overrides(["seed=6"]), trace=tiny_trace)
+    assert c.tokens_per_s != a.tokens_per_s
+
+
+def test_more_dimm_bandwidth_is_never_slower(tiny_trace):
+    base = RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30, system="ndp-only")
+    fast = base.with_overrides(["hardware.dimm.data_rate_mtps=6400"])
+    assert simulate(fast, trace=tiny_trace).decode_s < simulate(base, trace=tiny_trace).decode_s
+
+
+def test_capacity_errors(tiny_trace):
+    with pytest.raises(CapacityError, match="does not fit GPU"):
+        simulate(RunConfig(model="tiny", hardware={"gpu": {"memory_bytes": 1e5, "reserved_bytes": 0}},
+                           prompt_len=12, gen_len=30), trace=tiny_trace)
+    with pytest.raises(CapacityError, match="use --dimms"):
+        simulate(RunConfig(model="tiny", dimms=1, hardware={**TINY_HW, "dimm": {"capacity_bytes": 3e5}},
+                           prompt_len=12, gen_len=30), trace=tiny_trace)
+    with pytest.raises(CapacityError, match="falcon-40b"):
+        from ndpsched.simulator import memory_budgets
+        from ndpsched.costmodel import CostParams
+        memory_budgets(load_model("falcon-40b"), load_hardware(n_dimms=2), CostParams(), 1, 256)
+
+
+def test_trace_shape_errors(tiny_trace):
+    with pytest.raises(TraceError, match="does not match model"):
+        simulate(RunConfig(model="relullama-7b"), trace=tiny_trace)
+    with pytest.raises(TraceError, match="batch 8 needs 8"):
+        simulate(RunConfig(model="tiny", hardware=TINY_HW, batch=8, prompt_len=12, gen_len=30), trace=tiny_trace)
+    with pytest.raises(TraceError, match="needs 1128"):
+        simulate(RunConfig(model="tiny", hardware=TINY_HW, prompt_len=1000, gen_len=128), trace=tiny_trace)
+
+
+def test_bad_sizes():
+    with pytest.raises(ConfigError, match="gen_len"):
+        simulate(RunConfig(model="tiny", hardware=TINY_HW, gen_len=0))
+    with pytest.raises(ConfigError, match="batch"):
+        simulate(RunConfig(model="tiny", hardware=TINY_HW, batch=-1))
+
+
+def test_invalid_moves_are_rejected(tiny_model, tiny_hw, tiny_trace):
+    class BadMoves(BalancerPolicy):
+        registered_name = "test.bad"
+
+        def _initial(self, ctx, on_gpu):
+            return np.zeros(ctx.n_neurons, np.int16)
+
+        def _update(self, window, placement):
+            return BalanceMoves(np.array([0, 0]), np.array([1, 2]))
+
+    with pytest.raises(ConfigError, match="same neuron twice"):
+        _sim(tiny_model, tiny_hw, tiny_trace, registry("partition").create("topk"), BadMoves(), 1).run()
+
+
+def test_config_overrides_and_errors():
+    cfg = RunConfig().with_overrides(["balancer.params.window=8", "cost.sync_us=5", "hardware.gpu.kernel_overhead_us=3",
+                                      "trace.token_overlap=0.8", "dimms=4"])
+    assert cfg.balancer.params == {"window": 8} and cfg.cost == {"sync_us": 5}
+    assert cfg.hardware == {"gpu": {"kernel_overhead_us": 3}} and cfg.dimms == 4
+    from ndpsched.errors import UnknownNameError
+    with pytest.raises(UnknownNameError, match="Did you mean 'dimms'"):
+        RunConfig().with_overrides(["dimm=4"])
+    with pytest.raises(UnknownNameError):
+        RunConfig().with_overrides(["trace.overlap=0.8"])
+    with pytest.raises(ConfigError):
+        RunConfig().with_overrides(["model.name=x"])
+
+
+def test_larger_models_run_fast_enough():
+    """A real-size model through the whole path (relullama-7b, 8 decode steps)."""
+    model = load_model("relullama-7b")
+    trace = synthetic_trace(model, 24, 1, seed=0)
+    r = simulate(RunConfig(model="relullama-7b", prompt_len=16, gen_len=8), trace=trace)
+    assert r.tokens_per_s > 0 and len(r.token_s) == 8
