@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError, unknown_name
 
 DEFAULT_SYSTEM = "hermes"
+ROLES = ("partition", "predictor", "balancer")
 
 
 @dataclass
@@ -61,6 +62,19 @@ class RunConfig:
     hardware: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # accept plain strings / mappings for the nested specs (YAML and Python callers)
+        if isinstance(self.trace, str):
+            self.trace = TraceSpec(source=self.trace)
+        elif isinstance(self.trace, dict):
+            _check_keys(self.trace, TraceSpec, "trace")
+            self.trace = TraceSpec(**self.trace)
+        for role in ROLES:
+            value = getattr(self, role)
+            if isinstance(value, str):
+                setattr(self, role, PolicySpec(value))
+            elif isinstance(value, dict):
+                _check_keys(value, PolicySpec, role)
+                setattr(self, role, PolicySpec(value.get("name", ""), dict(value.get("params") or {})))
         for name in ("batch", "prompt_len", "gen_len", "window_tokens", "dimms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -79,18 +93,6 @@ class RunConfig:
         for key in data:
             if key not in valid:
                 raise unknown_name("config key", key, valid)
-        if isinstance(data.get("trace"), dict):
-            _check_keys(data["trace"], TraceSpec, "trace")
-            data["trace"] = TraceSpec(**data["trace"])
-        elif isinstance(data.get("trace"), str):
-            data["trace"] = TraceSpec(source=data["trace"])
-        for role in ("partition", "predictor", "balancer"):
-            value = data.get(role)
-            if isinstance(value, str):
-                data[role] = PolicySpec(value)
-            elif isinstance(value, dict):
-                _check_keys(value, PolicySpec, role)
-                data[role] = PolicySpec(value.get("name", ""), dict(value.get("params") or {}))
         return cls(**data)
 
     @classmethod
@@ -140,9 +142,6 @@ def _check_keys(values: dict[str, Any], cls: type, what: str) -> None:
     for key in values:
         if key not in valid:
             raise unknown_name(f"key in {what}", key, valid)
-
-
-ROLES = ("partition", "predictor", "balancer")
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

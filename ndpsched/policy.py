@@ -104,64 +104,43 @@ class WindowActivity:
     Attributes:
         t0, t1: token range [t0, t1) of the window.
         device_load: (2L, J+1) float, neuron activations per (layer, kind) group and device,
-            summed over the window's tokens and the batch (Hermes' Z_j per layer).
-        active: (N,) uint8, in how many sequences of the batch each neuron is active now.
+            summed over the window's tokens and the batch (Hermes' Z_j per stage).
+        active: (N,) uint8, in how many sequences of the batch each neuron is active at the last
+            token of the window (None when no policy of the run reads it).
+        toggles: per token of the window, per sequence, the sorted (on, off) ids of the computed
+            set.
     """
 
-    def __init__(self, t0: int, t1: int, device_load: np.ndarray, active: np.ndarray,
-                 tracker: "ActivityTracker | None") -> None:
+    def __init__(self, t0: int, t1: int, device_load: np.ndarray, active: np.ndarray | None,
+                 toggles: list[list[tuple[np.ndarray, np.ndarray]]]) -> None:
         self.t0, self.t1 = t0, t1
         self.device_load = device_load
         self.active = active
-        self._tracker = tracker
+        self.toggles = toggles
 
     def neuron_counts(self, idx: np.ndarray) -> np.ndarray:
-        """Active-token counts in this window (summed over the batch) of neurons ``idx``.
+        """Active-token counts in the window (summed over the batch) of neurons ``idx``.
 
-        Only available to policies that set ``uses_neuron_activity = True``; O(len(idx)).
+        Walks back from the state at the window's last token: with c(t) the batch count of a
+        neuron at token t, ``sum_t c(t) = W c(t1-1) - sum_{tau in (t0, t1)} (tau - t0)(on - off)``.
+        Cost O(len(idx) x tokens x log toggles), independent of the model's size.
         """
-        if self._tracker is None:
+        if self.active is None:
             raise ConfigError("neuron_counts() needs a policy with uses_neuron_activity = True")
-        return self._tracker.window_counts(idx, self.t1)
+        idx = np.asarray(idx, dtype=np.intp)
+        counts = (self.t1 - self.t0) * self.active[idx].astype(np.int64)
+        for k, per_seq in enumerate(self.toggles[1:], start=1):  # k = tau - t0
+            for on, off in per_seq:
+                counts -= k * (_member(on, idx).astype(np.int64) - _member(off, idx))
+        return counts
 
 
-class ActivityTracker:
-    """Lazy per-neuron active-token integral over the current window, O(toggles) per token.
-
-    For each neuron we keep the window id and token of its last toggle and the integral of its
-    active count since the window start up to that toggle; a neuron with no toggle in the window
-    was constant, so its count is (current count) x (window length).
-    """
-
-    def __init__(self, n_neurons: int) -> None:
-        self.acc = np.zeros(n_neurons, dtype=np.int32)
-        self.last = np.zeros(n_neurons, dtype=np.int32)
-        self.stamp = np.full(n_neurons, -1, dtype=np.int32)
-        self.window = 0
-        self.w_start = 0
-
-    def start_window(self, token: int) -> None:
-        self.window += 1
-        self.w_start = token
-
-    def before_change(self, idx: np.ndarray, count_before: np.ndarray, token: int) -> None:
-        """Record that neurons ``idx`` (unique) change count at ``token``; call before the change."""
-        fresh = self.stamp[idx] != self.window
-        since = np.where(fresh, self.w_start, self.last[idx])
-        base = np.where(fresh, 0, self.acc[idx])
-        self.acc[idx] = base + np.asarray(count_before, dtype=np.int64) * (token - since)
-        self.last[idx] = token
-        self.stamp[idx] = self.window
-
-    def window_counts(self, idx: np.ndarray, now: int) -> np.ndarray:
-        """Active-token counts of neurons ``idx`` from the window start up to token ``now``."""
-        fresh = self.stamp[idx] != self.window
-        cur = self._active[idx].astype(np.int64)
-        return np.where(fresh, cur * (now - self.w_start), self.acc[idx] + cur * (now - self.last[idx]))
-
-    def bind(self, active: np.ndarray) -> None:
-        """Attach the live (N,) active-count array the simulator updates in place."""
-        self._active = active
+def _member(sorted_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Bool mask: which of ``idx`` are in the sorted array ``sorted_ids``."""
+    if len(sorted_ids) == 0:
+        return np.zeros(len(idx), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, idx), len(sorted_ids) - 1)
+    return sorted_ids[pos] == idx
 
 
 class Policy:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,7 +36,7 @@ class Registry:
         self._classes: dict[str, type] = {}
 
     def register(self, name: str, cls: type, override: bool = False) -> type:
-        if name in self._classes and not override and self._classes[name] is not cls:
+        if name in self._classes and not override and not _same_class(self._classes[name], cls):
             raise NdpschedError(f"{self.role} policy '{name}' is already registered by "
                                 f"{self._classes[name].__module__}.{self._classes[name].__qualname__}; "
                                 "pass override=True to replace it")
@@ -61,6 +62,16 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         load_plugins()
         return name in self._classes
+
+
+def _same_class(a: type, b: type) -> bool:
+    """True for the same class, also when its module was imported twice under two names
+    (e.g. ``policies.balancer`` from a source checkout and ``ndpsched.policies.balancer``)."""
+    if a is b:
+        return True
+    file_a = getattr(sys.modules.get(a.__module__), "__file__", None)
+    file_b = getattr(sys.modules.get(b.__module__), "__file__", None)
+    return a.__qualname__ == b.__qualname__ and file_a is not None and file_a == file_b
 
 
 REGISTRIES: dict[str, Registry] = {role: Registry(role) for role in ROLES}

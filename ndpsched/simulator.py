@@ -20,7 +20,7 @@ from .costmodel import COMPONENTS, CostModel, CostParams
 from .errors import CapacityError, ConfigError, TraceError
 from .hardware import HardwareSpec
 from .models import ModelSpec
-from .policy import (ActivityTracker, BalanceMoves, BalancerPolicy, PartitionMoves, PartitionPolicy,
+from .policy import (BalanceMoves, BalancerPolicy, PartitionMoves, PartitionPolicy,
                      Placement, PredictorPolicy, SchedContext, WindowActivity, check_dimm_capacity,
                      check_gpu_capacity)
 from .trace import ActivationTrace, NeuronLayout
@@ -172,11 +172,6 @@ class Simulator:
         # them: the batch union, online moves (a moved active neuron moves its count), or a policy.
         online = _is_online(self.partition, PartitionPolicy) or _is_online(self.balancer, BalancerPolicy)
         keep_active = B > 1 or online or any(p.uses_neuron_activity for p in (self.partition, self.balancer, self.predictor))
-        track = self.partition.uses_neuron_activity or self.balancer.uses_neuron_activity
-        tracker = ActivityTracker(self.layout.n_neurons) if track else None
-        if tracker is not None:
-            tracker.bind(active)
-            tracker.start_window(P)
 
         total = np.bincount(key_of, weights=active, minlength=K).astype(np.int64)
         union = total if B == 1 else np.bincount(key_of, weights=active > 0, minlength=K).astype(np.int64)
@@ -204,16 +199,14 @@ class Simulator:
             bar = tqdm(total=G, desc=f"decode {self.model.name}", unit="tok", leave=False)
         for w0 in range(0, G, W):
             w1 = min(w0 + W, G)
+            window_toggles: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(w1 - w0)]
             for g in range(w0, w1):
                 t = P + g
                 for s in range(B):
                     on, off = predictors[s].predict(t, self.trace.on(s, t), self.trace.off(s, t))
                     # intp indices: numpy gathers/scatters skip an internal conversion (2x faster)
                     on, off = on.astype(np.intp), off.astype(np.intp)
-                    if tracker is not None:
-                        # with one sequence an 'on' neuron was inactive and an 'off' one active
-                        tracker.before_change(on, active[on] if B > 1 else 0, t)
-                        tracker.before_change(off, active[off] if B > 1 else 1, t)
+                    window_toggles[g - w0].append((on, off))
                     k_on, k_off = key_of[on], key_of[off]
                     total += np.bincount(k_on, minlength=K)
                     total -= np.bincount(k_off, minlength=K)
@@ -251,13 +244,11 @@ class Simulator:
                 bar.update(n)
             if w1 < G:
                 window = WindowActivity(P + w0, P + w1, window_load.reshape(2 * L, n_dev),
-                                        active if keep_active else None, tracker)
+                                        active if keep_active else None, window_toggles)
                 self._apply_partition(ctx, window, placement, key_of, active, total, union, B, n_dev,
                                       pending_pcie, moves, moved_bytes)
                 self._apply_balance(ctx, window, placement, key_of, active, total, union, B, n_dev,
                                     pending_link, moves, moved_bytes)
-                if tracker is not None:
-                    tracker.start_window(P + w1)
         if bar is not None:
             bar.close()
         # final incremental state, kept for inspection and for tests that recount it from scratch

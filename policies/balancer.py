@@ -1,9 +1,19 @@
-"""Baseline DIMM balancers: round-robin and random (both static)."""
+"""DIMM balancers: where each neuron's weights live, and online remapping between DIMMs.
+
+- ``round-robin``, ``random``: naive static mappings (baselines).
+- ``static``: a frequency-balanced static mapping that never changes (the ablation's
+  "offline partition" step): within every (layer, kind), neurons sorted by offline frequency are
+  dealt to DIMMs in snake order (0..J-1, J-1..0, ...), which evens each DIMM's expected load.
+- ``hermes.window``: Hermes Algorithm 1, every window of tokens.
+- ``greedy.lpt``: longest-processing-time-first re-assignment of each window's activity.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from ndpsched.policy import BalancerPolicy, SchedContext
+from ndpsched.policy import BalanceMoves, BalancerPolicy, Placement, SchedContext, WindowActivity
 from ndpsched.registry import register_policy
 
 
@@ -12,10 +22,7 @@ class RoundRobin(BalancerPolicy):
     """Neuron i of every (layer, kind) goes to DIMM i mod J, whatever its frequency."""
 
     def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
-        index_in_group = np.arange(ctx.n_neurons) - np.repeat(
-            np.arange(ctx.layout.n_layers) * ctx.layout.per_layer, ctx.layout.per_layer)
-        index_in_group = np.where(ctx.kind_of == 1, index_in_group - ctx.layout.d_qkv, index_in_group)
-        return (index_in_group % ctx.n_dimms).astype(np.int16)
+        return (index_in_group(ctx) % ctx.n_dimms).astype(np.int16)
 
 
 @register_policy("balancer", "random")
@@ -24,3 +31,187 @@ class RandomBalancer(BalancerPolicy):
 
     def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
         return ctx.rng.integers(0, ctx.n_dimms, size=ctx.n_neurons).astype(np.int16)
+
+
+def index_in_group(ctx: SchedContext) -> np.ndarray:
+    """(N,) position of every neuron inside its (layer, kind) group."""
+    lay = ctx.layout
+    pos = np.arange(ctx.n_neurons) - ctx.layer_of.astype(np.int64) * lay.per_layer
+    return np.where(ctx.kind_of == 1, pos - lay.d_qkv, pos)
+
+
+def snake_mapping(ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
+    """Frequency-balanced static mapping: per group, cold neurons by decreasing offline frequency
+    dealt in snake order over the DIMMs (hot neurons are dealt the same way after them, so their
+    weights are spread too; they are computed on the GPU while hot)."""
+    J = ctx.n_dimms
+    # sort key: group, then cold before hot, then decreasing frequency (stable -> deterministic)
+    order = np.lexsort((-ctx.offline_freqs, on_gpu, ctx.group_of))
+    group_sorted = ctx.group_of[order]
+    starts = np.searchsorted(group_sorted, np.arange(ctx.layout.n_groups))
+    rank = np.arange(ctx.n_neurons) - starts[group_sorted]
+    lap, pos = np.divmod(rank, J)
+    dimm = np.where(lap % 2 == 0, pos, J - 1 - pos)
+    home = np.empty(ctx.n_neurons, dtype=np.int16)
+    home[order] = dimm
+    return home
+
+
+@register_policy("balancer", "static")
+class StaticBalanced(BalancerPolicy):
+    """Frequency-balanced mapping (snake order by offline frequency); never remaps."""
+
+    def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
+        return snake_mapping(ctx, on_gpu)
+
+
+def _window_candidates(ctx: SchedContext, window: WindowActivity, placement: Placement, groups: np.ndarray,
+                       stride: int = 1, offset: int = 0):
+    """Cold neurons of ``groups`` that fired in the window: (ids, home DIMM, activation count A_i).
+
+    With ``stride`` > 1 only every stride-th neuron of each group is examined, starting at
+    ``offset`` (callers rotate it, so every neuron is a candidate every ``stride`` windows).
+    """
+    lay = ctx.layout
+    layer, kind = groups // 2, groups % 2
+    starts = layer * lay.per_layer + np.where(kind == 0, 0, lay.d_qkv) + offset % stride
+    sizes = (np.where(kind == 0, lay.d_qkv, lay.d_ffn) - offset % stride + stride - 1) // stride
+    ends = np.cumsum(sizes)
+    ids = np.repeat(starts - (ends - sizes) * stride, sizes) + np.arange(ends[-1] if len(ends) else 0) * stride
+    ids = ids[~placement.on_gpu[ids]]
+    counts = window.neuron_counts(ids)
+    fired = counts > 0
+    return ids[fired], placement.home_dimm[ids[fired]].astype(np.int64), counts[fired]
+
+
+def _imbalanced_groups(window: WindowActivity, tolerance: float) -> np.ndarray:
+    load = window.device_load[:, 1:]
+    mean = load.mean(axis=1)
+    return np.flatnonzero((mean > 0) & (load.max(axis=1) > (1 + tolerance) * mean))
+
+
+@register_policy("balancer", "hermes.window")
+class HermesWindow(BalancerPolicy):
+    """Hermes Algorithm 1: per window, pair the busiest DIMM with the idlest, the 2nd busiest
+    with the 2nd idlest, ...; within a pair move the most-activated cold neurons from the busy
+    DIMM to its partner while the busy side stays the more loaded (as printed, the loop condition
+    and partner index look like typos; this is the stated intent: partner = J-1-rank).
+
+    Loads are per (layer, kind) stage, since each stage waits for its slowest DIMM. A stage whose
+    slowest DIMM is within ``tolerance`` of the mean is left alone (Hermes: a balanced mapping
+    keeps DIMM runtimes within 5 %); this also keeps the policy's cost proportional to the
+    imbalanced stages, not to the model. Initial mapping: frequency-balanced snake order.
+    """
+
+    uses_neuron_activity = True
+
+    @dataclass(frozen=True)
+    class Params:
+        #: stages whose max/mean DIMM load is at most 1 + tolerance are not remapped
+        tolerance: float = 0.05
+        #: cap on neurons moved per stage and window (Hermes sets none: 0 = no cap)
+        max_moves_per_stage: int = 0
+        #: examine every stride-th neuron of a stage per window (rotating), 1 = all (exact
+        #: Algorithm 1). The most-activated neurons tie at A = window length by the hundreds per
+        #: DIMM, so a sample finds them at 1/stride of the cost (chosen default 16).
+        candidate_stride: int = 16
+
+        def __post_init__(self) -> None:
+            if self.tolerance < 0:
+                raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+            if self.max_moves_per_stage < 0:
+                raise ValueError(f"max_moves_per_stage must be >= 0, got {self.max_moves_per_stage}")
+            if self.candidate_stride < 1:
+                raise ValueError(f"candidate_stride must be >= 1, got {self.candidate_stride}")
+
+    def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
+        return snake_mapping(ctx, on_gpu)
+
+    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+        ctx, J = self.ctx, self.ctx.n_dimms
+        groups = _imbalanced_groups(window, self.params.tolerance)
+        if len(groups) == 0 or J < 2:
+            return None
+        self._windows = getattr(self, "_windows", 0) + 1
+        ids, home, A = _window_candidates(ctx, window, placement, groups, self.params.candidate_stride, self._windows)
+        load = window.device_load[groups, 1:]                       # (G, J) Z_j per stage
+        rank_of_dimm = np.argsort(np.argsort(-load, axis=1, kind="stable"), axis=1, kind="stable")
+        dimm_at_rank = np.argsort(-load, axis=1, kind="stable")      # rank -> DIMM
+        gpos = np.searchsorted(groups, ctx.group_of[ids])            # row of each candidate
+        rank = rank_of_dimm[gpos, home]
+        busy = rank < J // 2                                         # pairs (r, J-1-r), r < J/2
+        ids, home, A, gpos, rank = ids[busy], home[busy], A[busy], gpos[busy], rank[busy]
+        partner = dimm_at_rank[gpos, J - 1 - rank]
+        # half the load gap of each pair: moving more would make the busy side the idler one
+        half_gap = (load[gpos, home] - load[gpos, partner]) / 2.0
+        pair = gpos * J + home
+        order = np.lexsort((-A, pair))                               # by pair, most activated first
+        pair_s, A_s = pair[order], A[order].astype(np.float64)
+        csum = np.cumsum(A_s)
+        first = np.searchsorted(pair_s, pair_s)                      # start of each pair's segment
+        moved_before = csum - A_s - (csum[first] - A_s[first])
+        # A is sorted decreasing, so this holds for a prefix of each pair: Algorithm 1 stops at
+        # the first neuron that would make the busy DIMM the less loaded of the pair
+        take = (moved_before + A_s) <= half_gap[order]
+        seg_rank = np.arange(len(order)) - first
+        if self.params.max_moves_per_stage:
+            take &= seg_rank < self.params.max_moves_per_stage
+        sel = order[take]
+        if len(sel) == 0:
+            return None
+        return BalanceMoves(ids[sel], partner[sel])
+
+
+@register_policy("balancer", "greedy.lpt")
+class GreedyLPT(BalancerPolicy):
+    """Longest-processing-time-first re-assignment of each window's activity.
+
+    Per window and stage, the cold neurons that fired are sorted by activation count and each
+    goes to the currently least-loaded DIMM (neurons that did not fire keep their DIMM and
+    their load). Near-perfect balance for the window just seen, at the price of many moves;
+    a strong classic baseline. Runs over all stages at once, J neurons per round.
+    """
+
+    uses_neuron_activity = True
+
+    @dataclass(frozen=True)
+    class Params:
+        tolerance: float = 0.05
+
+        def __post_init__(self) -> None:
+            if self.tolerance < 0:
+                raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+
+    def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
+        return snake_mapping(ctx, on_gpu)
+
+    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+        ctx, J = self.ctx, self.ctx.n_dimms
+        groups = _imbalanced_groups(window, self.params.tolerance)
+        if len(groups) == 0 or J < 2:
+            return None
+        ids, home, A = _window_candidates(ctx, window, placement, groups)
+        gpos = np.searchsorted(groups, ctx.group_of[ids])
+        # load of the neurons that stay (did not fire): the fired ones are re-assigned
+        load = window.device_load[groups, 1:].astype(np.float64).copy()
+        np.subtract.at(load, (gpos, home), A)
+        order = np.lexsort((-A, gpos))
+        gpos_s, A_s = gpos[order], A[order].astype(np.float64)
+        first = np.searchsorted(gpos_s, np.arange(len(groups)))
+        rank = np.arange(len(order)) - first[gpos_s]
+        dest = np.empty(len(order), dtype=np.int64)
+        # round k takes the k-th block of J neurons of every stage (largest first) and gives them
+        # to the J DIMMs, least loaded first; within a stage and round each DIMM gets one neuron
+        rounds = rank // J
+        by_round = np.argsort(rounds, kind="stable")
+        bounds = np.searchsorted(rounds[by_round], np.arange(int(rounds.max(initial=-1)) + 2))
+        for k in range(len(bounds) - 1):
+            sel = by_round[bounds[k]: bounds[k + 1]]
+            by_load = np.argsort(load, axis=1, kind="stable")
+            d = by_load[gpos_s[sel], rank[sel] - k * J]
+            dest[sel] = d
+            load[gpos_s[sel], d] += A_s[sel]       # (stage, DIMM) pairs are unique within a round
+        new_home = np.empty(len(ids), dtype=np.int64)
+        new_home[order] = dest
+        moved = new_home != home
+        return BalanceMoves(ids[moved], new_home[moved]) if moved.any() else None

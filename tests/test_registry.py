@@ -16,10 +16,11 @@ from ndpsched.simulator import memory_budgets
 from ndpsched.trace import NeuronLayout
 
 
-def make_ctx(model, hw, trace, seed=0):
-    gpu_budget, dimm_budget = memory_budgets(model, hw, CostModel(model, hw).params, 1, trace.n_tokens)
+def make_ctx(model, hw, trace, seed=0, cost=None):
+    cm = CostModel(model, hw, cost)
+    gpu_budget, dimm_budget = memory_budgets(model, hw, cm.params, 1, trace.n_tokens)
     freqs = trace.frequencies()
-    return SchedContext(model, hw, CostModel(model, hw), NeuronLayout.of(model), 1, 5, freqs, freqs,
+    return SchedContext(model, hw, cm, NeuronLayout.of(model), 1, 5, freqs, freqs,
                         gpu_budget, dimm_budget, np.random.default_rng(seed))
 
 

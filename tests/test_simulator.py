@@ -157,3 +157,28 @@ def test_larger_models_run_fast_enough():
     trace = synthetic_trace(model, 24, 1, seed=0)
     r = simulate(RunConfig(model="relullama-7b", prompt_len=16, gen_len=8), trace=trace)
     assert r.tokens_per_s > 0 and len(r.token_s) == 8
+
+
+class RecordingBalancer(BalancerPolicy):
+    """Test policy: records every window's per-neuron counts; never moves."""
+
+    registered_name = "test.record"
+    uses_neuron_activity = True
+
+    def _initial(self, ctx, on_gpu):
+        self.seen = []
+        return (np.arange(ctx.n_neurons) % ctx.n_dimms).astype(np.int16)
+
+    def _update(self, window, placement):
+        self.seen.append((window.t0, window.t1, window.neuron_counts(np.arange(self.ctx.n_neurons))))
+        return None
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_window_neuron_counts_match_trace(batch, tiny_model, tiny_hw, tiny_trace):
+    bal = RecordingBalancer()
+    _sim(tiny_model, tiny_hw, tiny_trace, registry("partition").create("topk"), bal, batch).run()
+    assert len(bal.seen) == 5     # 30 decode tokens in windows of 5; no decision after the last
+    for t0, t1, counts in bal.seen:
+        want = sum(tiny_trace.active_token_counts(s, t0, t1) for s in range(batch))
+        assert np.array_equal(counts, want), (t0, t1)
