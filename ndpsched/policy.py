@@ -148,8 +148,10 @@ class Policy:
 
     Params: ClassVar[type | None] = None
     registered_name: ClassVar[str] = ""
-    #: set True when the policy calls ``WindowActivity.neuron_counts`` (costs O(toggles)/token)
+    #: set True when the policy calls ``WindowActivity.neuron_counts`` or reads ``active``
     uses_neuron_activity: ClassVar[bool] = False
+    #: set True to receive every token's batch-union toggles through :meth:`observe`
+    observes_tokens: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         if params is None and self.Params is not None:
@@ -160,6 +162,14 @@ class Policy:
     def reset(self, ctx: SchedContext) -> None:
         """Called once per run before any decision."""
         self.ctx = ctx
+
+    def start(self, active: np.ndarray, token: int) -> None:
+        """Called once before the first decode step with the batch's (N,) active counts at
+        ``token`` (the last prompt token). Default: nothing."""
+
+    def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
+        """For policies with ``observes_tokens``: neurons that start (``on``) or stop (``off``)
+        firing in at least one sequence of the batch at ``token`` (sorted ids). Default: nothing."""
 
     def describe(self) -> dict[str, Any]:
         from dataclasses import asdict, is_dataclass
@@ -226,8 +236,9 @@ class PredictorPolicy(Policy):
     activity as it is computed) and receives the toggles of the *computed* set.
     """
 
-    def start(self, ctx: SchedContext, active: np.ndarray) -> None:
-        """Called once at the first decode token with the batch's (N,) active counts."""
+    def begin(self, ctx: SchedContext, active: np.ndarray, token: int) -> None:
+        """Called once per sequence before the first decode step, with that sequence's (N,)
+        activity at ``token`` (the last prompt token)."""
         self.reset(ctx)
 
     def predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

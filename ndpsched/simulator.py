@@ -163,11 +163,14 @@ class Simulator:
 
         # batch activity at the last prompt token; the first decode step applies token P's toggles
         active = np.zeros(self.layout.n_neurons, dtype=np.uint8)
-        for s in range(B):
-            active += self.trace.active(s, P - 1).astype(np.uint8)
         predictors = [copy.deepcopy(self.predictor) for _ in range(B)]
-        for pred in predictors:
-            pred.start(ctx, active)
+        for s, pred in enumerate(predictors):
+            seq_active = self.trace.active(s, P - 1)
+            active += seq_active.astype(np.uint8)
+            pred.begin(ctx, seq_active, P - 1)
+        for policy in (self.partition, self.balancer):
+            policy.start(active, P - 1)
+        observers = [p for p in (self.partition, self.balancer) if p.observes_tokens]
         # The batch's active counts cost a scatter per toggle; keep them only where something reads
         # them: the batch union, online moves (a moved active neuron moves its count), or a policy.
         online = _is_online(self.partition, PartitionPolicy) or _is_online(self.balancer, BalancerPolicy)
@@ -214,14 +217,19 @@ class Simulator:
                         if keep_active:
                             active[on] = 1
                             active[off] = 0
+                        for obs in observers:
+                            obs.observe(t, on, off)
                     else:
                         a_on = active[on] + np.uint8(1)
                         active[on] = a_on
                         a_off = active[off] - np.uint8(1)
                         active[off] = a_off
                         # the union changes where a neuron's batch count crosses zero
-                        union += np.bincount(k_on[a_on == 1], minlength=K)
-                        union -= np.bincount(k_off[a_off == 0], minlength=K)
+                        new_on, new_off = a_on == 1, a_off == 0
+                        union += np.bincount(k_on[new_on], minlength=K)
+                        union -= np.bincount(k_off[new_off], minlength=K)
+                        for obs in observers:
+                            obs.observe(t, on[new_on], off[new_off])
                 total_buf[g - w0] = total
                 if B > 1:
                     union_buf[g - w0] = union
@@ -291,9 +299,11 @@ class Simulator:
         _check_ids(evict, ctx.n_neurons, who)
         if placement.on_gpu[promote].any() or not placement.on_gpu[evict].all():
             raise ConfigError(f"{who} promoted a neuron already on the GPU or evicted one that is not")
+        delta = float(ctx.neuron_bytes[promote].sum() - ctx.neuron_bytes[evict].sum())
         placement.on_gpu[evict] = False
         placement.on_gpu[promote] = True
-        check_gpu_capacity(ctx, placement.on_gpu, who)
+        if delta > 0:   # a swap of equal sizes cannot overflow; only a net growth is checked
+            check_gpu_capacity(ctx, placement.on_gpu, who)
         self._rekey(evict, placement.home_dimm[evict].astype(np.int32) + 1, ctx.group_of, key_of, active,
                     total, union, B, n_dev)
         self._rekey(promote, np.zeros(len(promote), dtype=np.int32), ctx.group_of, key_of, active,

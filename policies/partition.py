@@ -1,11 +1,16 @@
-"""Baseline hot/cold partition policies: static frequency top-k and random."""
+"""Hot/cold partition policies.
+
+- ``topk``, ``random``, ``none``: static baselines;
+- ``powerinfer.topk``: PowerInfer's offline solver;
+- ``hermes.ilp``: Hermes' offline ILP; ``hermes.adjust``: the ILP plus Hermes' online adjustment.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-from ndpsched.policy import PartitionPolicy, SchedContext
+from ndpsched.policy import PartitionMoves, PartitionPolicy, Placement, SchedContext, WindowActivity
 from ndpsched.registry import register_policy
 
 
@@ -126,3 +131,97 @@ class PowerInferTopK(PartitionPolicy):
         self.info = {"solve_s": res.solve_s, "objective": res.objective_s, "mip_gap": res.mip_gap,
                      "n_variables": res.n_variables, "status": res.status}
         return res.on_gpu
+
+
+def _sorted_unique(ids: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (numpy's hash-based unique is slower for int arrays this size)."""
+    ids = np.sort(ids)
+    return ids[np.concatenate([[True], ids[1:] != ids[:-1]])] if len(ids) else ids
+
+
+@register_policy("partition", "hermes.adjust")
+class HermesAdjust(HermesIlp):
+    """Hermes' online hot/cold adjustment on top of the offline ILP.
+
+    Every neuron has a 4-bit saturating state (+4 when it fires, -1 when not, initialised from its
+    prefill frequency); a cold neuron whose state exceeds ``hot_threshold`` (T_h = 10) is hot and
+    is copied to the GPU during the projection, overwriting the GPU-resident neuron of the same
+    stage with the lowest state (weights stay in the DIMMs: no write-back). Decisions once per
+    window. With ``hide_copies`` a stage copies at most what PCIe moves during one projection
+    (the paper hides copies there; chosen so they never stall the layer), else all swaps happen
+    and the execution model exposes what does not fit.
+    """
+
+    observes_tokens = True
+
+    @dataclass(frozen=True)
+    class Params(HermesIlp.Params):
+        #: T_h: a neuron with state above this is hot (Hermes: 10)
+        hot_threshold: int = 10
+        #: counter increment when a neuron fires / decrement when it does not (Hermes: +4 / -1)
+        state_inc: int = 4
+        state_dec: int = 1
+        #: cap promotions per stage to what PCIe copies within one projection
+        hide_copies: bool = True
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if not 0 <= self.hot_threshold <= 15:
+                raise ValueError(f"hot_threshold must be in 0..15, got {self.hot_threshold}")
+            if self.state_inc < 0 or self.state_dec < 0:
+                raise ValueError("state_inc and state_dec must be >= 0")
+
+    def start(self, active: np.ndarray, token: int) -> None:
+        from .fsm import SaturatingStates, initial_states
+
+        ctx = self.ctx
+        self.states = SaturatingStates(initial_states(ctx.prefill_freqs), active > 0, token,
+                                       self.params.state_inc, self.params.state_dec)
+        # every neuron that fired since the last decision, plus the prompt's active set
+        self._seen = [np.flatnonzero(active)]
+        self.promotions = 0
+
+    def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
+        self.states.toggle(on, off, token)
+        self._seen.append(on)
+
+    def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
+        ctx, p, now = self.ctx, self.params, window.t1 - 1
+        seen = np.concatenate(self._seen)
+        cand = seen[~placement.on_gpu[seen]]
+        cand = cand[self.states.states(cand, now) > p.hot_threshold]
+        cand = _sorted_unique(cand)             # filter first: the unique set is small
+        cand_state = self.states.states(cand, now)
+        # candidates that stay hot are re-examined next window even without a new toggle
+        self._seen = [cand]
+        if len(cand) == 0:
+            return None
+        hot = np.flatnonzero(placement.on_gpu)
+        if len(hot) == 0:
+            return None
+        hot_state = self.states.states(hot, now)
+        n_stage = ctx.layout.n_groups
+        # candidates by stage, highest state first; evictees by stage, lowest state first (ties by
+        # neuron id). 16-bit keys let numpy's stable argsort run as a radix sort.
+        key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
+        c_order = np.argsort((ctx.group_of[cand] * 16 + (15 - cand_state)).astype(key_dtype), kind="stable")
+        e_order = np.argsort((ctx.group_of[hot] * 16 + hot_state).astype(key_dtype), kind="stable")
+        cand, cand_state = cand[c_order], cand_state[c_order]
+        hot, hot_state = hot[e_order], hot_state[e_order]
+        c_stage, e_stage = ctx.group_of[cand], ctx.group_of[hot]
+        c_count = np.bincount(c_stage, minlength=n_stage)
+        c_rank = np.arange(len(cand)) - (np.cumsum(c_count) - c_count)[c_stage]
+        e_count = np.bincount(e_stage, minlength=n_stage)
+        e_first = np.cumsum(e_count) - e_count
+        pair = c_rank < e_count[c_stage]
+        e_idx = np.where(pair, e_first[c_stage] + c_rank, 0)
+        swap = pair & (cand_state > hot_state[e_idx])
+        if p.hide_copies:
+            cm = ctx.cost
+            per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw              # bytes hidden per layer
+            cap = np.floor(per_layer / 2 / ctx.cost.neuron_bytes[c_stage % 2]).astype(np.int64)
+            swap &= c_rank < cap
+        if not swap.any():
+            return None
+        self.promotions += int(swap.sum())
+        return PartitionMoves(cand[swap], hot[e_idx[swap]])

@@ -56,8 +56,13 @@ def test_hermes_ilp_matches_brute_force(seed):
     assert np.all(y + x.sum(axis=1) == 1)
 
 
-def _ctx_and_trace(tiny_model, tiny_hw, tiny_trace):
-    return make_ctx(tiny_model, tiny_hw, tiny_trace)
+def _fast_gpu(hw):
+    """The tiny model's stages are too small to pay for a 10 us sync; free syncs and launches
+    make the GPU worth using, so the partition policies have hot neurons to work with."""
+    import dataclasses
+
+    from ndpsched.costmodel import CostParams
+    return hw.replace(gpu=dataclasses.replace(hw.gpu, kernel_overhead_us=0.0)), CostParams(sync_us=0.0)
 
 
 def test_ilp_partition_fits_and_is_deterministic(tiny_model, tiny_hw, tiny_trace):
@@ -163,11 +168,8 @@ def test_static_snake_mapping_balances_expected_load(tiny_model, tiny_hw, tiny_t
 
 
 def test_powerinfer_fills_gpu_by_frequency(tiny_model, tiny_hw, tiny_trace):
-    # the tiny model's stages are too small to pay for a sync: make syncs and launches free here
-    import dataclasses
-    from ndpsched.costmodel import CostParams
-    hw = tiny_hw.replace(gpu=dataclasses.replace(tiny_hw.gpu, kernel_overhead_us=0.0))
-    ctx = make_ctx(tiny_model, hw, tiny_trace, cost=CostParams(sync_us=0.0))
+    hw, cost = _fast_gpu(tiny_hw)
+    ctx = make_ctx(tiny_model, hw, tiny_trace, cost=cost)
     on = registry("partition").create("powerinfer.topk").initial_partition(ctx)
     assert ctx.neuron_bytes[on].sum() <= ctx.gpu_budget_bytes
     assert on.any()
@@ -183,3 +185,52 @@ def test_systems_run_end_to_end(tiny_trace):
         r = simulate(RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30, system=system),
                      trace=tiny_trace)
         assert r.tokens_per_s > 0
+
+
+class _RandomStartAdjust(type(registry("partition").create("hermes.adjust"))):
+    """hermes.adjust from a random hot set: the synthetic trace's stationary frequencies make the
+    ILP's start nearly optimal, which leaves the online adjustment little to do."""
+
+    def _initial(self, ctx):
+        return registry("partition").create("random").initial_partition(ctx)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_hermes_adjust_swaps_within_capacity_and_recounts(batch, tiny_model, tiny_hw, tiny_trace):
+    from ndpsched.trace import NeuronLayout
+
+    from .conftest import recount
+    from .test_simulator import _sim
+
+    part = _RandomStartAdjust(registry("partition").create("hermes.adjust", {"hide_copies": False}).params)
+    hw, cost = _fast_gpu(tiny_hw)
+    sim = _sim(tiny_model, hw, tiny_trace, part, registry("balancer").create("hermes.window"), batch, cost_params=cost)
+    result = sim.run()
+    assert result.moves["promoted"] > 0 and result.moves["promoted"] == result.moves["evicted"]
+    total, union = recount(tiny_trace, sim.final_placement.device(), NeuronLayout.of(tiny_model).group_of(),
+                           tiny_hw.n_dimms + 1, 41, batch)
+    assert np.array_equal(sim.final_counts["total"], total)
+    assert np.array_equal(sim.final_counts["union"], union)
+
+
+def test_hermes_adjust_promotes_hot_states_only(tiny_model, tiny_hw, tiny_trace):
+    """Promoted neurons have state > T_h; the evicted have a lower state than their replacement."""
+    from .test_simulator import _sim
+
+    seen = []
+
+    class Spy(_RandomStartAdjust):
+        def _update(self, window, placement):
+            moves = super()._update(window, placement)
+            if moves is not None:
+                seen.append((self.states.states(moves.promote, window.t1 - 1),
+                             self.states.states(moves.evict, window.t1 - 1)))
+            return moves
+
+    spy = Spy(registry("partition").create("hermes.adjust", {"hide_copies": False}).params)
+    hw, cost = _fast_gpu(tiny_hw)
+    _sim(tiny_model, hw, tiny_trace, spy, registry("balancer").create("static"), 1, cost_params=cost).run()
+    assert seen
+    for promoted, evicted in seen:
+        assert np.all(promoted > 10)
+        assert np.all(promoted > evicted)

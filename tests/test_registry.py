@@ -115,7 +115,7 @@ def test_every_predictor_picklable_and_shaped(role, name, tiny_model, tiny_hw, t
     pred = registry(role).create(name)
     pickle.loads(pickle.dumps(pred))
     ctx = make_ctx(tiny_model, tiny_hw, tiny_trace)
-    pred.start(ctx, tiny_trace.active(0, 10).astype(np.uint8))
+    pred.begin(ctx, tiny_trace.active(0, 10), 10)
     on, off = pred.predict(11, tiny_trace.on(0, 11), tiny_trace.off(0, 11))
     assert on.ndim == 1 and off.ndim == 1
 

@@ -1,0 +1,79 @@
+"""Hermes' neuron state table: a 4-bit saturating counter per neuron, updated lazily.
+
+After prefill each counter is set from the neuron's prefill activation frequency binned into
+16 levels (>90 % -> 15, <2 % -> 0, linear in between); after every token it moves +4 if the
+neuron fired and -1 if not, saturating at 0 and 15 (Hermes section IV-B).
+
+Updating 3 million counters per token would cost more than the rest of the simulation, so the
+table is updated only where a neuron's activity *changes*: between two toggles a neuron fires at
+every token or at none, and its counter follows ``clip(s + 4 k)`` or ``clip(s - k)`` after k
+tokens in closed form. Each neuron stores one int64 word: the token of its last toggle, its
+counter then, and whether it has fired since.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_ACTIVE_BITS = 1
+_STATE_BITS = 7
+_T_SHIFT = _ACTIVE_BITS + _STATE_BITS
+
+
+def initial_states(prefill_freqs: np.ndarray, hi: float = 0.9, lo: float = 0.02, max_state: int = 15) -> np.ndarray:
+    """(N,) int: prefill frequency binned into ``max_state + 1`` levels (>hi -> max, <lo -> 0)."""
+    f = np.asarray(prefill_freqs, dtype=np.float64)
+    levels = 1 + np.floor((f - lo) / (hi - lo) * (max_state - 1))
+    return np.where(f > hi, max_state, np.where(f < lo, 0, np.clip(levels, 1, max_state - 1))).astype(np.int64)
+
+
+class SaturatingStates:
+    """Lazily updated saturating counters (see module doc); O(toggles) per token."""
+
+    def __init__(self, states: np.ndarray, active: np.ndarray, token: int, inc: int = 4, dec: int = 1,
+                 max_state: int = 15) -> None:
+        """``states``: (N,) counters after ``token``; ``active``: (N,) whether each neuron fired then."""
+        if max_state >= 2**_STATE_BITS:
+            raise ValueError(f"max_state must be < {2**_STATE_BITS}")
+        self.inc, self.dec, self.max_state = int(inc), int(dec), int(max_state)
+        if token >= 2**(31 - _T_SHIFT):
+            raise ValueError(f"token {token} is too large for the packed state word")
+        # int32 words (12 MB for llama2-70b) keep the per-toggle gathers cache friendly
+        self.word = ((np.int32(token) << _T_SHIFT) | (np.asarray(states, np.int32) << _ACTIVE_BITS)
+                     | (np.asarray(active) > 0).astype(np.int32))
+
+    def _eval(self, word: np.ndarray, token) -> np.ndarray:
+        t_ref = word >> _T_SHIFT
+        s = (word >> _ACTIVE_BITS) & ((1 << _STATE_BITS) - 1)
+        k = token - t_ref
+        up = np.minimum(self.max_state, s + self.inc * k)
+        down = np.maximum(0, s - self.dec * k)
+        return np.where(word & 1, up, down)
+
+    def states(self, idx: np.ndarray, token: int) -> np.ndarray:
+        """Counters of neurons ``idx`` after ``token`` (token >= their last toggle - 1)."""
+        return self._eval(self.word[idx], token)
+
+    def all_states(self, token: int) -> np.ndarray:
+        """(N,) every counter after ``token`` (O(N): for tests and reports)."""
+        return self._eval(self.word, token)
+
+    def toggle(self, on: np.ndarray, off: np.ndarray, token: int) -> None:
+        """Neurons ``on`` start firing at ``token``, ``off`` stop; each id unique within its list.
+
+        The counter is brought to the token before the change (an 'on' neuron was idle since its
+        last toggle, an 'off' one firing) and restarted from there with the new activity.
+        """
+        mask = (1 << _STATE_BITS) - 1
+        stamp = np.int32((token - 1) << _T_SHIFT)
+        if len(on):
+            w = self.word[on]
+            s = np.maximum(0, ((w >> _ACTIVE_BITS) & mask) - self.dec * ((token - 1) - (w >> _T_SHIFT)))
+            self.word[on] = stamp | (s << _ACTIVE_BITS) | 1
+        if len(off):
+            w = self.word[off]
+            s = np.minimum(self.max_state, ((w >> _ACTIVE_BITS) & mask) + self.inc * ((token - 1) - (w >> _T_SHIFT)))
+            self.word[off] = stamp | (s << _ACTIVE_BITS)
+
+    def memory_bytes(self, n_neurons: int) -> int:
+        """Size of the hardware table Hermes keeps: 4 bits per neuron."""
+        return (n_neurons * 4 + 7) // 8
