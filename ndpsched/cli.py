@@ -117,6 +117,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- ablation ---------------------------------------------------------------------------------
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from .ablation import run_ablation
+
+    rows = run_ablation(args.model, [int(b) for b in args.batch.split(",")], args.trace.split(","),
+                        prompt_len=args.prompt_len, gen_len=args.gen_len, seed=args.seed, gpu=args.gpu,
+                        dimms=args.dimms, progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=2))
+        return 0
+    print(f"ndpsched ablation: {args.model}, {args.gpu} + {args.dimms} NDP-DIMMs "
+          f"(MLP = FFN-stage latency per token; speed-up over the previous step)")
+    head = f"{'trace':<12} {'batch':>5}  {'step':<30} {'MLP ms':>8} {'x prev':>7} {'tok/s':>8} {'x prev':>7} {'DIMM max/mean':>13}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        sp = f"{r['mlp_speedup_vs_prev']:.2f}" if r["mlp_speedup_vs_prev"] else ""
+        st = f"{r['tokens_per_s_speedup_vs_prev']:.2f}" if r["tokens_per_s_speedup_vs_prev"] else ""
+        print(f"{r['trace']:<12} {r['batch']:>5}  {r['step']:<30} {r['mlp_ms_per_token']:>8.3f} {sp:>7} "
+              f"{r['tokens_per_s']:>8.2f} {st:>7} {r['dimm_imbalance']:>13.3f}")
+    return 0
+
+
 # ---- list -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from .presets import gpu_names, model_names
@@ -159,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ablation", help="Hermes' ablation: each scheduling step's MLP latency and speed-up")
+    p.add_argument("--model", default="llama2-70b")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,4,16")
+    p.add_argument("--trace", default="skew,relullama7b", help="comma-separated trace generators")
+    p.add_argument("--gpu", default="rtx4090")
+    p.add_argument("--dimms", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("list", help="list presets, policies and systems")
     p.add_argument("what", nargs="?", default="all", choices=["all", "models", "gpus", "policies", "systems"])

@@ -86,6 +86,7 @@ class StepsCost:
     layer_s: np.ndarray           # (T, L) time of each layer in each step
     components: dict[str, float]  # component -> seconds summed over the steps; adds up to step_s.sum()
     dimm_imbalance: np.ndarray    # (T,) sum over stages of the slowest DIMM / sum of the mean DIMM
+    stage_s: dict[str, float]     # per pipeline stage (qkv, attention, projection, ffn, other), summed
 
     @property
     def total_s(self) -> float:
@@ -238,9 +239,16 @@ class CostModel:
             "exposed_migration": float(exposed.sum()),
             "lm_head": float(T * lm),
         }
+        stages = {
+            "qkv": float(stage[..., 0].sum() + T * L * self.merge_s(batch)[0]),
+            "attention": float(L * attn.sum()),
+            "projection": float(T * L * proj + exposed.sum()),
+            "ffn": float(stage[..., 1].sum() + T * L * self.merge_s(batch)[1]),
+            "other": float(T * lm),
+        }
         mean_busy = dimm.mean(axis=-1).sum(axis=(1, 2))
         imbalance = np.where(mean_busy > 0, dimm_max.sum(axis=(1, 2)) / np.maximum(mean_busy, 1e-300), 1.0)
-        return StepsCost(step_s=step, layer_s=layer, components=comps, dimm_imbalance=imbalance)
+        return StepsCost(step_s=step, layer_s=layer, components=comps, dimm_imbalance=imbalance, stage_s=stages)
 
     # ---- prefill --------------------------------------------------------------------------
     def prefill_cost(self, prompt_len: int, batch: int) -> dict[str, float]:

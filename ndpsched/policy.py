@@ -43,6 +43,9 @@ class SchedContext:
     #: bytes of each DIMM available for weights (capacity minus its KV-cache and dense share)
     dimm_budget_bytes: float
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    #: (N, 2) the two most correlated neurons of the previous layer of every neuron (-1: none),
+    #: Hermes' offline correlation table; None when the trace carries none
+    layer_parents: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.group_of = self.layout.group_of()          # (N,) int32, 2*layer + kind
@@ -240,9 +243,18 @@ class PredictorPolicy(Policy):
         """Called once per sequence before the first decode step, with that sequence's (N,)
         activity at ``token`` (the last prompt token)."""
         self.reset(ctx)
+        self._begin_active = np.asarray(active) > 0
+
+    def initial_computed(self) -> np.ndarray:
+        """(N,) bool computed set at the last prompt token (default: what was active)."""
+        return self._begin_active
+
+    def summary(self) -> dict[str, float]:
+        """Predictor statistics (recall, precision, table sizes); empty for the oracle."""
+        return {}
 
     def predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (on, off) toggles of the computed set for ``token``."""
+        """Return (on, off) toggles of the computed set for ``token`` (sorted ids)."""
         return self._predict(token, on, off)
 
     def _predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,11 @@ class SimResult:
     moves: dict[str, int]
     bytes_moved: dict[str, float]
     hot_fraction: float                    # share of neuron activations computed on the GPU
+    #: decode time per pipeline stage: qkv, attention, projection (incl. exposed migration),
+    #: ffn (the MLP block), other (LM head); adds up to decode_s
+    stage_s: dict[str, float] = field(default_factory=dict)
+    #: predictor statistics: recall, precision, table sizes (empty for the oracle)
+    predictor: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
     #: wall time of the decode loop alone (set-up, i.e. profiles and initial placement, excluded)
     loop_wall_s: float = 0.0
@@ -54,6 +59,8 @@ class SimResult:
             "decode_ms_per_token": 1e3 * self.decode_s / max(len(self.token_s), 1),
             "breakdown_s": self.breakdown_s,
             "dimm_imbalance": self.dimm_imbalance,
+            "stage_s": self.stage_s,
+            "predictor": self.predictor,
             "hot_fraction": self.hot_fraction,
             "moves": self.moves,
             "bytes_moved": self.bytes_moved,
@@ -144,7 +151,8 @@ class Simulator:
             raise TraceError(f"offline profile has shape {offline.shape}, expected ({self.layout.n_neurons},)")
         policy_rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(1)[0])
         return SchedContext(self.model, self.hw, self.cost, self.layout, self.batch, self.window_tokens,
-                            offline, prefill, gpu_budget, dimm_budget, policy_rng)
+                            offline, prefill, gpu_budget, dimm_budget, policy_rng,
+                            layer_parents=getattr(trace, "layer_parents", None))
 
     # ---- the run --------------------------------------------------------------------------------
     def run(self, progress: bool = False) -> SimResult:
@@ -165,9 +173,8 @@ class Simulator:
         active = np.zeros(self.layout.n_neurons, dtype=np.uint8)
         predictors = [copy.deepcopy(self.predictor) for _ in range(B)]
         for s, pred in enumerate(predictors):
-            seq_active = self.trace.active(s, P - 1)
-            active += seq_active.astype(np.uint8)
-            pred.begin(ctx, seq_active, P - 1)
+            pred.begin(ctx, self.trace.active(s, P - 1), P - 1)
+            active += pred.initial_computed().astype(np.uint8)   # what the first step starts from
         for policy in (self.partition, self.balancer):
             policy.start(active, P - 1)
         observers = [p for p in (self.partition, self.balancer) if p.observes_tokens]
@@ -185,6 +192,7 @@ class Simulator:
             breakdown[k] += v
         token_s = np.zeros(G)
         imbalance = np.zeros(G)
+        stage_s: dict[str, float] = {}
         gpu_work = 0.0
         all_work = 0.0
         moves = {"promoted": 0, "evicted": 0, "remapped": 0}
@@ -244,6 +252,8 @@ class Simulator:
             imbalance[w0:w1] = cost.dimm_imbalance
             for k, v in cost.components.items():
                 breakdown[k] += v
+            for k, v in cost.stage_s.items():
+                stage_s[k] = stage_s.get(k, 0.0) + v
             window_load = total_buf[:n].sum(axis=0)
             per_dev = window_load.reshape(2 * L, n_dev).sum(axis=0)
             gpu_work += per_dev[0]
@@ -263,13 +273,15 @@ class Simulator:
         self.final_placement = placement
         self.final_counts = {"total": total.reshape(2 * L, n_dev).copy(), "union": union.reshape(2 * L, n_dev).copy()}
 
+        self.predictor_summary = _merge_summaries([p.summary() for p in predictors])
         decode_s = float(token_s.sum())
         prefill_s = float(sum(prefill.values()))
         return SimResult(
             tokens_per_s=G * B / (prefill_s + decode_s),
             prefill_s=prefill_s, decode_s=decode_s, breakdown_s=breakdown, token_s=token_s,
             dimm_imbalance=float(imbalance.mean()), moves=moves, bytes_moved=moved_bytes,
-            hot_fraction=float(gpu_work / all_work) if all_work else 0.0,
+            hot_fraction=float(gpu_work / all_work) if all_work else 0.0, stage_s=stage_s,
+            predictor=self.predictor_summary,
             wall_s=time.perf_counter() - wall0, loop_wall_s=time.perf_counter() - loop0,
         )
 
@@ -342,6 +354,13 @@ class Simulator:
         pending_link += np.where(port > 0, port / self.cost.link_bw + self.cost.link_lat_s, 0.0)
         moves["remapped"] += len(idx)
         moved_bytes["dimm_link"] += float(nbytes.sum())
+
+
+def _merge_summaries(summaries: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of per-sequence predictor statistics."""
+    if not summaries or not summaries[0]:
+        return {}
+    return {k: float(np.mean([s[k] for s in summaries])) for k in summaries[0]}
 
 
 def _is_online(policy, base: type) -> bool:

@@ -1,5 +1,7 @@
-"""Baseline predictor: the oracle (computes exactly the neurons that fire)."""
+"""Predictors: the oracle, and Hermes' state-table + correlation-table predictor."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -13,3 +15,194 @@ class OraclePredictor(PredictorPolicy):
 
     def _predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return on, off
+
+
+def child_maps(parents: np.ndarray, n: int) -> list[np.ndarray]:
+    """Per parent column c, ``child[c][j]`` = the neuron whose c-th correlated parent is j (or -1).
+
+    Raises ValueError when a neuron is the c-th parent of several neurons (then the fast,
+    duplicate-free updates do not apply)."""
+    maps = []
+    for c in range(parents.shape[1]):
+        col = parents[:, c]
+        valid = np.flatnonzero(col >= 0)
+        if len(np.unique(col[valid])) != len(valid):
+            raise ValueError("correlation table column is not one-to-one")
+        child = np.full(n, -1, dtype=np.intp)
+        child[col[valid]] = valid
+        maps.append(child)
+    return maps
+
+
+@register_policy("predictor", "hermes.fsm")
+class HermesFsm(PredictorPolicy):
+    """Hermes' online predictor: neuron state table (token-wise) + correlation table (layer-wise).
+
+    A neuron is predicted active at token t if ``s1 + lam * s2 > T`` (Hermes: lam = 6, T = 15),
+    where s1 is its 4-bit state after token t-1 (initialised from prefill frequency, +4 when it
+    fires, -1 when not) and s2 is how many of its two most correlated neurons in the previous
+    layer fire at t (known by then: that layer was just computed). Ablation modes: ``token``
+    predicts s1 > ``token_threshold``; ``layer`` predicts s2 >= 1. Layer 0 has no previous layer:
+    its neurons are treated as if both correlated neurons fired (chosen; the paper is silent).
+
+    False negatives (``false_negative``): ``drop`` (default; the missed neurons are not computed:
+    an accuracy cost, reported as recall) or ``recompute`` (they are computed once detected:
+    their work is priced, the second pass's latency is not).
+
+    Event driven: a neuron's prediction can only change when one of its correlated parents
+    toggles or when its own state crosses a threshold, which happens at a token computable at
+    its last toggle; so a token costs O(toggles), not O(neurons). The correlation table comes
+    from the trace (``trace.layer_parents``: the generator's coupling, or an offline profile).
+    """
+
+    @dataclass(frozen=True)
+    class Params:
+        lam: float = 6.0
+        threshold: float = 15.0
+        token_threshold: float = 10.0
+        mode: str = "both"
+        state_inc: int = 4
+        state_dec: int = 1
+        false_negative: str = "drop"
+
+        def __post_init__(self) -> None:
+            if self.mode not in ("both", "token", "layer"):
+                raise ValueError(f"mode must be one of both, token, layer; got {self.mode!r}")
+            if self.false_negative not in ("drop", "recompute"):
+                raise ValueError(f"false_negative must be drop or recompute, got {self.false_negative!r}")
+
+    HORIZON = 16  # states saturate within 16 tokens: every crossing is scheduled less far ahead
+
+    def begin(self, ctx, active: np.ndarray, token: int) -> None:
+        from ndpsched.errors import ConfigError
+
+        from .fsm import SaturatingStates, initial_states
+
+        super().begin(ctx, active, token)
+        p = self.params
+        n = ctx.n_neurons
+        parents = getattr(ctx, "layer_parents", None)
+        if parents is None:
+            if p.mode != "token":
+                raise ConfigError("predictor hermes.fsm needs a correlation table: the trace has no "
+                                  "layer_parents (use a generated trace, or mode=token)")
+            parents = np.full((n, 2), -1, dtype=np.int64)
+        self.parents = parents
+        self.first_layer = ctx.layer_of == 0
+        try:
+            self.child = child_maps(parents, n)
+        except ValueError:
+            raise ConfigError("hermes.fsm: the correlation table must map each neuron to at most one "
+                              "child per column") from None
+        act = np.asarray(active) > 0
+        self.act = act.copy()
+        self.states = SaturatingStates(initial_states(ctx.prefill_freqs), act, token, p.state_inc, p.state_dec)
+        valid = parents >= 0
+        self.s2 = np.where(valid, act[np.maximum(parents, 0)], 0).sum(axis=1).astype(np.int8)
+        # prediction for the first decode token with the parents' activity of the last prompt
+        # token; a parent that toggles at that token re-evaluates its children then
+        self.pred = self._rule(np.arange(n), token + 1)
+        # levels of s1 at which a prediction can change, for the scheduler
+        if p.mode == "token":
+            self.levels = np.array([int(np.floor(p.token_threshold)) + 1])
+        elif p.mode == "layer":
+            self.levels = np.zeros(0, dtype=np.int64)
+        else:
+            self.levels = np.unique([int(np.floor(p.threshold - p.lam * k)) + 1 for k in (0, 1, 2)
+                                     if 0 < p.threshold - p.lam * k + 1 <= 15])
+        self.calendar: list[list[np.ndarray]] = [[] for _ in range(self.HORIZON + 1)]
+        self.stamp = np.full(n, -1, dtype=np.int64)
+        self.computed = self.pred | self.act if p.false_negative == "recompute" else self.pred.copy()
+        self.stats = {"tokens": 0, "active": 0, "predicted": 0, "hits": 0}
+        self._count = [int(self.act.sum()), int(self.pred.sum()), int((self.act & self.pred).sum())]
+        # crossings of every neuron's trajectory from the last prompt token
+        idle = np.flatnonzero(~act)
+        self._schedule(np.flatnonzero(act), token + 1, rising=True)
+        self._schedule(idle, token + 1, rising=False)
+
+    def initial_computed(self) -> np.ndarray:
+        return self.computed
+
+    def _rule(self, idx: np.ndarray, token: int) -> np.ndarray:
+        """Prediction for ``token`` of neurons ``idx`` (s1 after token-1, s2 now)."""
+        p = self.params
+        s1 = self.states.states(idx, token - 1)
+        s2 = np.where(self.first_layer[idx], 2, self.s2[idx])
+        if p.mode == "token":
+            return s1 > p.token_threshold
+        if p.mode == "layer":
+            return s2 >= 1
+        return s1 + p.lam * s2 > p.threshold
+
+    def _schedule(self, ids: np.ndarray, token: int, rising: bool) -> None:
+        """Queue the tokens at which the trajectory of ``ids``, firing (rising) or idle from
+        ``token`` on, crosses a level: the state after token-1+k is s0 +- k steps, and it decides
+        the prediction for token+k."""
+        if len(self.levels) == 0 or len(ids) == 0:
+            return
+        s0 = self.states.states(ids, token - 1)
+        for v in self.levels:
+            if rising:
+                k = np.ceil((v - s0) / max(self.params.state_inc, 1)).astype(np.int64)
+            else:
+                k = s0 - v + 1
+            # the state after token-1+k crosses v: the prediction for token+k changes
+            ok = (k >= 1) & (k <= self.HORIZON - 1) & ((s0 < v) if rising else (s0 >= v))
+            for kk in np.unique(k[ok]):
+                self.calendar[(token + kk) % self.HORIZON].append(ids[ok & (k == kk)])
+
+    def _predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = self.params
+        on, off = on.astype(np.intp), off.astype(np.intp)
+        # 1. the true activity of token t: previous-layer parents changed for their children
+        # (each column's map is one-to-one, so plain fancy-index updates are exact)
+        kids = []
+        for child in self.child:
+            k_on, k_off = child[on], child[off]
+            k_on, k_off = k_on[k_on >= 0], k_off[k_off >= 0]
+            self.s2[k_on] += 1
+            self.s2[k_off] -= 1
+            kids += [k_on, k_off]
+        slot = token % self.HORIZON
+        due = self.calendar[slot]
+        self.calendar[slot] = []
+        cand = np.concatenate([*kids, on, off, *due])
+        # dedupe with a stamp: keep the last occurrence of every id
+        self.stamp[cand] = np.arange(len(cand))
+        cand = cand[self.stamp[cand] == np.arange(len(cand))]
+        old_act, old_pred = self.act[cand], self.pred[cand]
+        self.act[on] = True
+        self.act[off] = False
+        new_pred = self._rule(cand, token)
+        new_act = self.act[cand]
+        self.pred[cand] = new_pred
+        # 2. the state table learns token t's activity; schedule the new trajectories' crossings
+        self.states.toggle(on, off, token)
+        self._schedule(on, token, rising=True)
+        self._schedule(off, token, rising=False)
+        # 3. statistics and the computed set's toggles
+        c = self._count
+        c[0] += int(new_act.sum()) - int(old_act.sum())
+        c[1] += int(new_pred.sum()) - int(old_pred.sum())
+        c[2] += int((new_act & new_pred).sum()) - int((old_act & old_pred).sum())
+        self.stats["tokens"] += 1
+        self.stats["active"] += c[0]
+        self.stats["predicted"] += c[1]
+        self.stats["hits"] += c[2]
+        new_comp = new_pred | new_act if p.false_negative == "recompute" else new_pred
+        old_comp = self.computed[cand]
+        self.computed[cand] = new_comp
+        turned_on = cand[new_comp & ~old_comp]
+        turned_off = cand[~new_comp & old_comp]
+        return np.sort(turned_on), np.sort(turned_off)
+
+    def summary(self) -> dict[str, float]:
+        """Recall, precision and table sizes over the run so far."""
+        s = self.stats
+        n = self.ctx.n_neurons
+        return {
+            "recall": s["hits"] / max(s["active"], 1),
+            "precision": s["hits"] / max(s["predicted"], 1),
+            "state_table_bytes": (n * 4 + 7) // 8,
+            "correlation_table_bytes": int((self.parents >= 0).sum()) * 4,
+        }

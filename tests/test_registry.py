@@ -21,7 +21,8 @@ def make_ctx(model, hw, trace, seed=0, cost=None):
     gpu_budget, dimm_budget = memory_budgets(model, hw, cm.params, 1, trace.n_tokens)
     freqs = trace.frequencies()
     return SchedContext(model, hw, cm, NeuronLayout.of(model), 1, 5, freqs, freqs,
-                        gpu_budget, dimm_budget, np.random.default_rng(seed))
+                        gpu_budget, dimm_budget, np.random.default_rng(seed),
+                        layer_parents=getattr(trace, "layer_parents", None))
 
 
 def test_builtins_present():

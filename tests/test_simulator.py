@@ -182,3 +182,9 @@ def test_window_neuron_counts_match_trace(batch, tiny_model, tiny_hw, tiny_trace
     for t0, t1, counts in bal.seen:
         want = sum(tiny_trace.active_token_counts(s, t0, t1) for s in range(batch))
         assert np.array_equal(counts, want), (t0, t1)
+
+
+def test_stage_times_add_up_to_decode(tiny_trace):
+    r = simulate(RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30), trace=tiny_trace)
+    assert set(r.stage_s) == {"qkv", "attention", "projection", "ffn", "other"}
+    assert sum(r.stage_s.values()) == pytest.approx(r.decode_s)
