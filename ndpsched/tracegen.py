@@ -17,7 +17,10 @@ proportional to the number of on/off events, not to neurons x tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
@@ -38,21 +41,28 @@ DEFAULT_TOP20_SHARE = 0.8
 def _scale_to_mean(shape: np.ndarray, mean: float) -> np.ndarray:
     """Scale non-negative ``shape`` (rows = groups) so each row has ``mean``, capping at MAX_FREQUENCY.
 
-    Capped mass is redistributed over the uncapped neurons by a few fixed-point iterations.
+    Each row becomes ``min(MAX_FREQUENCY, lam * shape)`` with ``lam`` set so the row's mean is
+    ``mean`` (capped mass goes to the uncapped neurons). ``lam`` is found by water-filling: scale
+    so the uncapped neurons carry what the capped ones do not, cap what now exceeds the cap, and
+    repeat; the capped set only grows, so this ends, exactly, after a few passes.
     """
     shape = np.asarray(shape, dtype=np.float64)
     if mean <= 0 or mean >= MAX_FREQUENCY:
         raise ConfigError(f"mean activation frequency must be in (0, {MAX_FREQUENCY}), got {mean}")
-    f = shape / np.maximum(shape.mean(axis=-1, keepdims=True), 1e-300) * mean
-    for _ in range(50):
-        f = np.minimum(f, MAX_FREQUENCY)
-        deficit = mean - f.mean(axis=-1, keepdims=True)
-        if np.all(np.abs(deficit) < 1e-9 * mean):
+    target = mean * shape.shape[-1]
+    total = shape.sum(axis=-1, keepdims=True)
+    lam = target / np.maximum(total, 1e-300)
+    n_capped = np.zeros_like(lam)
+    for _ in range(shape.shape[-1] + 1):
+        capped = shape * lam >= MAX_FREQUENCY
+        now_capped = capped.sum(axis=-1, keepdims=True, dtype=np.float64)
+        if np.array_equal(now_capped, n_capped):
             break
-        free = f < MAX_FREQUENCY
-        free_mass = np.where(free, f, 0).sum(axis=-1, keepdims=True)
-        f = np.where(free, f * (1 + deficit * f.shape[-1] / np.maximum(free_mass, 1e-300)), f)
-    return np.minimum(f, MAX_FREQUENCY)
+        n_capped = now_capped
+        free_mass = total - shape.sum(axis=-1, keepdims=True, where=capped)
+        lam = np.maximum(target - n_capped * MAX_FREQUENCY, 0) / np.maximum(free_mass, 1e-300)
+    f = shape * lam
+    return np.minimum(f, MAX_FREQUENCY, out=f)
 
 
 def _per_group_means(model: ModelSpec) -> tuple[float, float]:
@@ -76,9 +86,8 @@ def frequencies_from_skew(model: ModelSpec, top20_share: float = DEFAULT_TOP20_S
     parts = []
     for width, mean in ((layout.d_qkv, qkv_mean), (layout.d_ffn, ffn_mean)):
         u = (np.arange(width) + 0.5) / width
-        shape = np.broadcast_to(u ** k, (layout.n_layers, width))
-        f = _scale_to_mean(shape, mean)
-        parts.append(rng.permuted(f, axis=1))
+        f = _scale_to_mean(u ** k, mean)   # every layer has the same curve: scale it once
+        parts.append(rng.permuted(np.broadcast_to(f, (layout.n_layers, width)), axis=1))
     return np.concatenate(parts, axis=1).ravel()
 
 
@@ -100,19 +109,26 @@ def resample_profile(counts: np.ndarray, n_layers: int, width: int) -> np.ndarra
     curve (its quantile function) is interpolated to the new width, then the original neurons'
     rank order is kept when widths match and a deterministic spread is used otherwise.
     """
+    rows, layer_row = _resample_rows(counts, n_layers, width)
+    return rows[layer_row]
+
+
+def _resample_rows(counts: np.ndarray, n_layers: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`resample_profile` as (distinct resampled source rows, row of each target layer)."""
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 2 or counts.shape[0] == 0 or counts.shape[1] == 0:
         raise TraceError(f"an activation profile must be a non-empty (layers, neurons) array, got {counts.shape}")
     if np.any(counts < 0):
         raise TraceError("an activation profile must not contain negative counts")
     src_layers = np.minimum((np.arange(n_layers) + 0.5) / n_layers * counts.shape[0], counts.shape[0] - 1).astype(int)
-    rows = counts[src_layers]
+    used, layer_row = np.unique(src_layers, return_inverse=True)
+    rows = counts[used]
     if rows.shape[1] == width:
-        return rows
+        return rows, layer_row
     q_src = (np.arange(rows.shape[1]) + 0.5) / rows.shape[1]
     q_dst = (np.arange(width) + 0.5) / width
     srt = np.sort(rows, axis=1)
-    return np.stack([np.interp(q_dst, q_src, r) for r in srt])
+    return np.stack([np.interp(q_dst, q_src, r) for r in srt]), layer_row
 
 
 def frequencies_from_profile(model: ModelSpec, counts: np.ndarray | None = None,
@@ -134,8 +150,9 @@ def frequencies_from_profile(model: ModelSpec, counts: np.ndarray | None = None,
     qkv_mean, ffn_mean = _per_group_means(model)
     parts = []
     for width, mean in ((layout.d_qkv, qkv_mean), (layout.d_ffn, ffn_mean)):
-        shape = resample_profile(counts, layout.n_layers, width)
-        f = _scale_to_mean(shape + 1e-3, mean)  # +1e-3: never-seen neurons keep a tiny rate
+        shape, layer_row = _resample_rows(counts, layout.n_layers, width)
+        # +1e-3: never-seen neurons keep a tiny rate; scale each distinct source row once
+        f = _scale_to_mean(shape + 1e-3, mean)[layer_row]
         if np.asarray(counts).shape[1] != width:
             f = rng.permuted(f, axis=1)
         parts.append(f)
@@ -174,11 +191,15 @@ def markov_trace(freqs: np.ndarray, layout: NeuronLayout, n_tokens: int, n_seqs:
         n_seqs: independent sequences (one per batch slot).
         token_overlap: target fraction of a token's active neurons still active at the next.
         seed: root seed; each sequence uses its own spawned child.
+
+    The trace depends only on the arguments, not on the number of threads used: a large trace's
+    neurons are split into a few fixed blocks, each drawn from its own child of the sequence's
+    seed, and the blocks of a sequence are generated concurrently when CPUs allow.
     """
     freqs = np.asarray(freqs, dtype=np.float64)
     if freqs.shape != (layout.n_neurons,):
         raise TraceError(f"freqs must have shape ({layout.n_neurons},), got {freqs.shape}")
-    if np.any(freqs < 0) or np.any(freqs > MAX_FREQUENCY):
+    if not np.all((freqs >= 0) & (freqs <= MAX_FREQUENCY)):   # (also rejects nan)
         raise ConfigError(f"activation frequencies must be in [0, {MAX_FREQUENCY}]")
     if n_tokens <= 0 or n_seqs <= 0:
         raise ConfigError(f"n_tokens and n_seqs must be > 0, got {n_tokens}, {n_seqs}")
@@ -186,68 +207,248 @@ def markov_trace(freqs: np.ndarray, layout: NeuronLayout, n_tokens: int, n_seqs:
     p_on = freqs * (1 - rho)
     p_off = (1 - freqs) * (1 - rho)
     seq_seeds = np.random.SeedSequence(seed) if not isinstance(seed, np.random.SeedSequence) else seed
-    shift = max(int(layout.n_neurons - 1).bit_length(), 1)
-    initial, events = [], []
-    for child in seq_seeds.spawn(n_seqs):
-        rng = np.random.default_rng(child)
-        state0 = rng.random(layout.n_neurons) < freqs
-        initial.append(np.packbits(state0))
-        events.append(_markov_events(state0, p_on, p_off, n_tokens, rng, shift))
-    on_ptr, on_idx, off_ptr, off_idx = _assemble(events, n_tokens, shift)
+    chains = _MarkovChains(freqs, p_on, p_off, n_tokens, n_seqs)
+    workers = min(_worker_threads(), len(chains.blocks))
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for child in seq_seeds.spawn(n_seqs):
+            chains.add_sequence(child, pool)
+    initial, on_ptr, on_idx, off_ptr, off_idx = chains.finish()
     meta = {"source": "synthetic:markov", "token_overlap": token_overlap, **(meta or {})}
     # the chains' stationary frequencies are what an unlimited offline profiling run would measure
-    return ActivationTrace(layout, n_seqs, n_tokens, np.stack(initial), on_ptr, on_idx, off_ptr, off_idx,
+    return ActivationTrace(layout, n_seqs, n_tokens, initial, on_ptr, on_idx, off_ptr, off_idx,
                            meta, offline_freqs=freqs)
 
 
-def _markov_events(state0: np.ndarray, p_on: np.ndarray, p_off: np.ndarray, n_tokens: int,
-                   rng: np.random.Generator, shift: int) -> np.ndarray:
-    """Event-driven simulation of all chains; returns every toggle as one int64 sort key.
+#: bits of the narrow (uint32) event keys; tests lower it to exercise the uint64 path
+_NARROW_KEY_BITS = 32
+#: a sequence is split into at most this many neuron blocks (generated concurrently) ...
+_MAX_BLOCKS = 4
+#: ... each expected to hold at least this many toggles, and this many per token
+_BLOCK_MIN_TOGGLES = 1 << 21
+_BLOCK_MIN_TOGGLES_PER_TOKEN = 1024
 
-    Each round draws, for every neuron still inside the trace, the geometric holding time of
-    its current state; the neuron toggles at ``now + hold``. Neurons whose leaving probability is
-    zero never toggle and are dropped. An event is encoded as
-    ``((token * 2 + turns_on) << shift) | neuron`` so that one numeric sort orders events by
-    token, then off-before-on, then neuron id (sorted ids make the simulator's gathers local).
+
+def _toggle_capacity(mean: float, n_neurons: int) -> int:
+    """Room for one sequence's toggles of one direction: their mean plus six standard deviations.
+
+    A neuron's toggle count has variance at most its mean, plus O(1) from the initial state.
+    Space is only reserved (untouched pages cost nothing) and grows if ever exceeded.
     """
-    p_leave = np.where(state0, p_off, p_on)
-    idx = np.flatnonzero(p_leave > 0)
-    p_cur, p_next = p_leave[idx], np.where(state0[idx], p_on[idx], p_off[idx])
-    turns_on = (~state0[idx]).astype(np.int64)   # what the neuron's next toggle does
-    now = np.zeros(len(idx), dtype=np.int64)
-    events = []
-    while len(idx):
-        now += rng.geometric(p_cur)
-        keep = now < n_tokens
-        if not keep.all():
-            idx, now, p_cur, p_next, turns_on = idx[keep], now[keep], p_cur[keep], p_next[keep], turns_on[keep]
-        events.append(((now * 2 + turns_on) << shift) | idx)
-        p_cur, p_next, turns_on = p_next, p_cur, 1 - turns_on
-        # a neuron that turned off and can never turn on again leaves the simulation
-        alive = p_cur > 0
-        if not alive.all():
-            idx, now, p_cur, p_next, turns_on = idx[alive], now[alive], p_cur[alive], p_next[alive], turns_on[alive]
-    return np.concatenate(events) if events else np.zeros(0, np.int64)
+    return int(mean + 6 * np.sqrt(mean + n_neurons) + 1024)
 
 
-def _assemble(per_seq: list[np.ndarray], n_tokens: int, shift: int):
-    """Sort each sequence's encoded events and build the on/off CSR arrays (ids sorted per token)."""
-    on_counts, off_counts, on_idx, off_idx = [], [], [], []
-    # boundaries of every (token, on/off) key in the sorted events
-    bounds = np.arange(2 * n_tokens + 1, dtype=np.int64) << shift
-    for events in per_seq:
-        events = np.sort(events)
-        neurons = (events & ((1 << shift) - 1)).astype(np.int32)
-        is_on = ((events >> shift) & 1).astype(bool)
-        counts = np.diff(np.searchsorted(events, bounds)).reshape(n_tokens, 2)
-        off_counts.append(counts[:, 0])
-        on_counts.append(counts[:, 1])
-        on_idx.append(neurons[is_on])
-        off_idx.append(neurons[~is_on])
+def _worker_threads() -> int:
+    """CPUs this process may use (numpy's generators, ufuncs and sorts release the GIL)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return max(os.cpu_count() or 1, 1)
 
-    def csr(counts):
-        return np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
-    return csr(on_counts), np.concatenate(on_idx), csr(off_counts), np.concatenate(off_idx)
+
+class _MarkovChains:
+    """Event-driven simulation of N independent two-state chains over ``n_tokens`` tokens.
+
+    Every neuron alternates geometric holding times: Geometric(p_on) while inactive and
+    Geometric(p_off) while active, so the cost is proportional to the number of toggles. A
+    holding time is drawn by inversion from a standard exponential E,
+    ``hold = floor(E * scale) + 1`` with ``scale = -1 / log1p(-p)``, which gives
+    ``P(hold > k) = (1 - p)**k`` (numpy's own geometric sampler inverts the same way).
+
+    The neurons are split into ``len(blocks)`` contiguous blocks (one for small traces), each
+    simulated with its own generator. A block collects its toggles as unsigned sort keys
+    ``(token << shift) | neuron``, those turning a neuron on and those turning it off in two
+    arrays; one numeric sort of each orders it by token then neuron id. A sequence's on (off)
+    list of a token is then the blocks' runs for that token, in block order: ids sorted, as
+    the simulator's gathers want. Keys are uint32 when they fit (the common case: sorting them
+    is about twice as fast), else uint64. With a thread pool, the blocks of a sequence run
+    concurrently while the calling thread copies the previous sequence's ids into the output
+    (so consecutive sequences use alternate sets of key arrays).
+    """
+
+    def __init__(self, freqs: np.ndarray, p_on: np.ndarray, p_off: np.ndarray, n_tokens: int,
+                 n_seqs: int) -> None:
+        self.n_neurons = n = len(freqs)
+        self.freqs, self.n_tokens, self.n_seqs = freqs, int(n_tokens), int(n_seqs)
+        self.shift = max(int(n - 1).bit_length(), 1)
+        bits = self.shift + max(int(n_tokens - 1).bit_length(), 1)   # of a key
+        if bits > 63:
+            raise TraceError(f"a trace of {n} neurons x {n_tokens} tokens is too large to encode")
+        self.dtype = np.dtype(np.uint32 if bits <= _NARROW_KEY_BITS else np.uint64)
+        # while simulating, a chain's token field may reach 2 * n_tokens before it is dropped:
+        # when that needs one bit more than the keys have, watch for the wrap-around
+        self.check_wrap = bits + 1 > 8 * self.dtype.itemsize
+        with np.errstate(divide="ignore"):  # p = 0 -> scale = inf: the state is never left
+            self.scale_on = -1.0 / np.log1p(-p_on)
+            self.scale_off = -1.0 / np.log1p(-p_off)
+        self.can_on = np.isfinite(self.scale_on)
+        self.can_off = np.isfinite(self.scale_off)
+        self.all_can = bool(self.can_on.all() and self.can_off.all())
+        # expected toggles each way per sequence (the chains start stationary)
+        toggles = np.cumsum(p_on * (1 - freqs)) * max(self.n_tokens - 1, 0)
+        mean = float(toggles[-1]) if n else 0.0
+        n_blocks = int(min(_MAX_BLOCKS, 2 * mean / _BLOCK_MIN_TOGGLES,
+                           2 * mean / (_BLOCK_MIN_TOGGLES_PER_TOKEN * self.n_tokens), n))
+        bounds = np.linspace(0, n, max(n_blocks, 1) + 1).astype(np.int64)
+        self.blocks = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+        # two sets (alternate sequences) of [on, off] key arrays per block, reused by the sequences
+        self.scratch_size = [_toggle_capacity(float(toggles[hi - 1] - (toggles[lo - 1] if lo else 0)), hi - lo)
+                             if hi > lo else 1024 for lo, hi in self.blocks]
+        self.scratch: list[list[list[np.ndarray] | None]] = [[None] * len(self.blocks) for _ in range(2)]
+        self.pending = None   # (scratch set, per-block results) of a sequence drawn but not yet appended
+        # [on, off]: int32 ids of all sequences so far, and each sequence's counts per token
+        capacity = self.n_seqs * _toggle_capacity(mean, n)
+        self.ids = [np.empty(capacity, np.int32), np.empty(capacity, np.int32)]
+        self.used = [0, 0]
+        self.counts: list[list[np.ndarray]] = [[], []]
+        self.initial: list[np.ndarray] = []
+        self.n_drawn = 0
+
+    def add_sequence(self, seed: np.random.SeedSequence, pool: ThreadPoolExecutor | None = None) -> None:
+        """Draw one more sequence (its blocks on ``pool`` if given); meanwhile append the previous one."""
+        k = self.n_drawn % 2   # its scratch set: the previous sequence's is still being read
+        self.n_drawn += 1
+        seeds = seed.spawn(len(self.blocks)) if len(self.blocks) > 1 else [seed]
+        if pool is None:
+            parts = [self._block(b, s, k) for b, s in enumerate(seeds)]
+            self._append_pending()
+        else:
+            jobs = [pool.submit(self._block, b, s, k) for b, s in enumerate(seeds)]
+            self._append_pending()
+            parts = [job.result() for job in jobs]
+        self.pending = (k, parts)
+
+    def _append_pending(self) -> None:
+        """Append the toggles of the sequence drawn last (block runs merged per token) to the ids."""
+        if self.pending is None:
+            return
+        k, parts = self.pending
+        self.pending = None
+        self.initial.append(np.packbits(np.concatenate([state0 for state0, _ in parts])))
+        mask = self.dtype.type((1 << self.shift) - 1)
+        for d in (0, 1):
+            counts = np.stack([c[d] for _, c in parts])   # (blocks, tokens)
+            per_token = counts.sum(axis=0)
+            lo = self._reserve(d, int(per_token.sum()))
+            ids = self.ids[d]
+            if len(self.blocks) == 1:
+                keys = self.scratch[k][0][d][:int(per_token.sum())]
+                np.bitwise_and(keys, mask, out=ids[lo: lo + len(keys)], casting="unsafe")
+            else:
+                # token t's list: block 0's run, then block 1's, ... (lower ids first)
+                dst = lo + np.cumsum(per_token) - per_token + np.cumsum(counts, axis=0) - counts
+                src = np.cumsum(counts, axis=1) - counts
+                for b in range(len(self.blocks)):
+                    keys = self.scratch[k][b][d]
+                    for t in np.flatnonzero(counts[b]).tolist():
+                        a, c, o = int(src[b, t]), int(counts[b, t]), int(dst[b, t])
+                        np.bitwise_and(keys[a: a + c], mask, out=ids[o: o + c], casting="unsafe")
+            self.used[d] = lo + int(per_token.sum())
+            self.counts[d].append(per_token)
+
+    def finish(self):
+        """(initial packed states, on_ptr, on_idx, off_ptr, off_idx) of all sequences."""
+        self._append_pending()
+        out = [np.stack(self.initial)]
+        for d in (0, 1):
+            ptr = np.zeros(self.n_seqs * self.n_tokens + 1, dtype=np.int64)
+            np.cumsum(np.concatenate(self.counts[d]), out=ptr[1:])
+            out += [ptr, self.ids[d][:self.used[d]]]
+        self.scratch = []
+        return tuple(out)
+
+    def _reserve(self, d: int, extra: int) -> int:
+        """Make room for ``extra`` more ids in direction ``d``; return where they go."""
+        lo = self.used[d]
+        if lo + extra > len(self.ids[d]):   # rare: see the capacity
+            ids = np.empty(max(lo + extra, len(self.ids[d]) + len(self.ids[d]) // 4), np.int32)
+            ids[:lo] = self.ids[d][:lo]
+            self.ids[d] = ids
+        return lo
+
+    def _block(self, b: int, seed: np.random.SeedSequence, k: int):
+        """Simulate block ``b`` for one sequence: (initial state, [on, off] counts per token).
+
+        The block's [on, off] keys are left sorted (by token, then neuron id) in scratch set ``k``.
+        """
+        lo, hi = self.blocks[b]
+        if self.scratch[k][b] is None:
+            self.scratch[k][b] = [np.empty(self.scratch_size[b], self.dtype) for _ in range(2)]
+        bufs = self.scratch[k][b]
+        rng = np.random.default_rng(seed)
+        state0 = rng.random(hi - lo) < self.freqs[lo:hi]
+        used = self._events(b, state0, rng, bufs)
+        starts = np.arange(self.n_tokens, dtype=self.dtype) << self.dtype.type(self.shift)
+        counts = []
+        for d in (0, 1):
+            keys = bufs[d][:used[d]]
+            keys.sort()
+            counts.append(np.diff(np.searchsorted(keys, starts), append=len(keys)))  # per token
+        return state0, counts
+
+    def _events(self, b: int, state0: np.ndarray, rng: np.random.Generator, bufs: list[np.ndarray]) -> list[int]:
+        """Write every toggle of block ``b``, unsorted, to ``bufs`` = [on, off] keys (grown in place
+        if need be); return how many of each.
+
+        The live chains sit in one array ``cur = (field << shift) | neuron``: neurons that start
+        inactive first (part A, ``n_a`` of them), then those that start active (part B), each in
+        neuron order. Round r draws every live chain's (r+1)-th holding time; the toggle's token
+        is ``field + r + 1`` where ``field`` sums the holding times minus one each. All live
+        chains toggle once per round, so round r's toggles of part A turn neurons on when r is
+        even and off when odd (part B the reverse): the direction needs no storage. A chain
+        leaves when its toggle falls past the last token; holding times are capped there, so
+        ``field`` stays below ``2 * n_tokens`` (or wraps around, detectably, when the key width
+        holds only the tokens).
+        """
+        dt = self.dtype.type
+        shift, t = self.shift, self.n_tokens
+        first = self.blocks[b][0]
+        if self.all_can:
+            part_a, part_b = np.flatnonzero(~state0), np.flatnonzero(state0)
+        else:  # a chain that can never leave its initial state has no events
+            end = self.blocks[b][1]
+            part_a = np.flatnonzero(~state0 & self.can_on[first:end])
+            part_b = np.flatnonzero(state0 & self.can_off[first:end])
+        n_a = len(part_a)
+        cur = np.concatenate([part_a, part_b]).astype(self.dtype)
+        cur += dt(first)
+        del part_a, part_b
+        mask = dt((1 << shift) - 1)
+        ids = np.empty(len(cur), dtype=np.intp)
+        used = [0, 0]
+        r = 0
+        while len(cur) and r < t - 1:
+            n = len(cur)
+            limit = t - r - 1   # field must stay below this for the toggle to be inside the trace
+            a_on = r % 2 == 0
+            s_a, s_b = (self.scale_on, self.scale_off) if a_on else (self.scale_off, self.scale_on)
+            ids_n = ids[:n]
+            np.bitwise_and(cur, mask, out=ids_n, casting="unsafe")
+            hold = rng.standard_exponential(n)
+            hold[:n_a] *= s_a[ids_n[:n_a]]
+            hold[n_a:] *= s_b[ids_n[n_a:]]
+            np.fmin(hold, limit, out=hold)   # also maps inf (and nan); truncation below is the floor
+            step = hold.astype(self.dtype)
+            del hold
+            step <<= dt(shift)
+            cur += step
+            keep = cur < dt(limit << shift)
+            if self.check_wrap:   # a sum that wrapped around is smaller than what was added
+                keep &= cur >= step
+            del step
+            n_a = int(np.count_nonzero(keep[:n_a]))
+            cur = cur[keep]
+            del keep
+            # toggle key = cur + (r + 1) tokens; part A turns on in even rounds
+            for part, d in ((cur[:n_a], 0 if a_on else 1), (cur[n_a:], 1 if a_on else 0)):
+                lo, hi = used[d], used[d] + len(part)
+                if hi > len(bufs[d]):   # rare: see the capacity
+                    grown = np.empty(max(hi, len(bufs[d]) + len(bufs[d]) // 4), self.dtype)
+                    grown[:lo] = bufs[d][:lo]
+                    bufs[d] = grown
+                np.add(part, dt((r + 1) << shift), out=bufs[d][lo:hi])
+                used[d] = hi
+            r += 1
+        return used
 
 
 def synthetic_trace(model: ModelSpec, n_tokens: int, n_seqs: int = 1, source: str = "skew",

@@ -49,24 +49,61 @@ def test_same_seed_same_trace_on_every_code_path(monkeypatch):
     base = tg.synthetic_trace(model, 200, 3, seed=5)
     assert _same(base, tg.synthetic_trace(model, 200, 3, seed=5))
     assert not np.array_equal(base.on_idx, tg.synthetic_trace(model, 200, 3, seed=6).on_idx)
-    variants = {
-        "threads": [("_THREADS_FROM", 0), ("_worker_threads", lambda: 2)],
-        "uint64 keys": [("_NARROW_KEY_BITS", 0)],
-        "buffer growth": [("_toggle_capacity", lambda mean, n: 1)],
-        "all": [("_THREADS_FROM", 0), ("_worker_threads", lambda: 2), ("_NARROW_KEY_BITS", 0),
-                ("_toggle_capacity", lambda mean, n: 7)],
-    }
-    for name, patches in variants.items():
+    blocks = [("_BLOCK_MIN_TOGGLES", 1), ("_BLOCK_MIN_TOGGLES_PER_TOKEN", 1)]
+    threads = [("_worker_threads", lambda: 3)]
+    one_thread = [("_worker_threads", lambda: 1)]
+    wide = [("_NARROW_KEY_BITS", 0)]
+    tight = [("_toggle_capacity", lambda mean, n: 7)]
+
+    def run(patches, n_tokens=200, n_seqs=3):
         with monkeypatch.context() as m:
             for attr, value in patches:
                 m.setattr(tg, attr, value)
-            assert _same(base, tg.synthetic_trace(model, 200, 3, seed=5)), name
-    # one sequence (its two sorts run concurrently when threaded)
-    one = tg.synthetic_trace(model, 50, 1, seed=5)
-    with monkeypatch.context() as m:
-        m.setattr(tg, "_THREADS_FROM", 0)
-        m.setattr(tg, "_worker_threads", lambda: 2)
-        assert _same(one, tg.synthetic_trace(model, 50, 1, seed=5))
+            return tg.synthetic_trace(model, n_tokens, n_seqs, seed=5)
+    for name, patches in {"one thread": one_thread, "uint64 keys": wide, "buffer growth": tight,
+                          "all": one_thread + wide + tight}.items():
+        assert _same(base, run(patches)), name
+    # several neuron blocks per sequence (each with its own generator): another trace, but the
+    # same one however many threads generate the blocks
+    blocked = run(blocks + one_thread)
+    assert not _same(base, blocked)
+    blocked.validate()
+    assert _sorted_within_tokens(blocked)
+    for name, patches in {"threads": threads, "uint64 keys": threads + wide,
+                          "buffer growth": threads + tight, "two blocks": blocks + [("_MAX_BLOCKS", 2)]}.items():
+        got = run(blocks + patches)
+        assert _same(blocked, got) == (name != "two blocks"), name
+    one = run(blocks + one_thread, 50, 1)
+    assert _same(one, run(blocks + threads, 50, 1))
+
+
+def test_sequences_do_not_depend_on_the_batch(monkeypatch):
+    """Sequence s of a batch is the trace a one-sequence run would give with that child seed."""
+    model = load_model("tiny")
+    for blocks in (False, True):
+        with monkeypatch.context() as m:
+            if blocks:
+                m.setattr(tg, "_BLOCK_MIN_TOGGLES", 1)
+                m.setattr(tg, "_BLOCK_MIN_TOGGLES_PER_TOKEN", 1)
+            batch = tg.synthetic_trace(model, 120, 4, seed=8)
+            assert _same(batch.sequences([0, 1]), tg.synthetic_trace(model, 120, 2, seed=8))
+
+
+def test_neurons_that_never_fire(monkeypatch):
+    layout = NeuronLayout(2, 300, 500)
+    freqs = np.random.default_rng(1).uniform(0.0, 0.6, layout.n_neurons)
+    freqs[::7] = 0.0
+    for blocks in (False, True):
+        with monkeypatch.context() as m:
+            if blocks:
+                m.setattr(tg, "_BLOCK_MIN_TOGGLES", 1)
+                m.setattr(tg, "_BLOCK_MIN_TOGGLES_PER_TOKEN", 1)
+            trace = tg.markov_trace(freqs, layout, 300, 2, token_overlap=0.85, seed=3)
+        trace.validate()
+        assert _sorted_within_tokens(trace)
+        assert not np.isin(np.arange(0, layout.n_neurons, 7), np.concatenate([trace.on_idx, trace.off_idx])).any()
+        assert not trace.initial_active(0)[::7].any()
+        assert trace.frequencies()[1::7].mean() == pytest.approx(freqs[1::7].mean(), rel=0.1)
 
 
 def test_wrap_around_check(monkeypatch):
@@ -83,7 +120,11 @@ def test_wrap_around_check(monkeypatch):
     assert _same(a, tg.markov_trace(freqs, layout, n_tokens, 1, token_overlap=0.999, seed=1))
 
 
-def test_frequencies_and_overlap_match_the_chains():
+@pytest.mark.parametrize("blocks", [False, True])
+def test_frequencies_and_overlap_match_the_chains(monkeypatch, blocks):
+    if blocks:
+        monkeypatch.setattr(tg, "_BLOCK_MIN_TOGGLES", 1)
+        monkeypatch.setattr(tg, "_BLOCK_MIN_TOGGLES_PER_TOKEN", 1)
     model = load_model("tiny")
     layout = NeuronLayout.of(model)
     n_tokens, n_seqs = 4000, 4
