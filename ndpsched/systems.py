@@ -10,8 +10,26 @@ from .errors import unknown_name
 #: name -> (description, {role: PolicySpec})
 SYSTEMS: dict[str, tuple[str, dict[str, PolicySpec]]] = {
     "hermes": (
-        "Hermes: GPU + NDP-DIMMs, sparsity-aware hot/cold partition and DIMM balancing "
-        "(until Hermes' own algorithms land: static frequency top-k, oracle predictor, round-robin)",
+        "Hermes (HPCA'25): offline ILP + online hot/cold adjustment, state-table + correlation "
+        "predictor, window-based DIMM remapping (Algorithm 1)",
+        {"partition": PolicySpec("hermes.adjust"), "predictor": PolicySpec("hermes.fsm"),
+         "balancer": PolicySpec("hermes.window")},
+    ),
+    "hermes-oracle": (
+        "Hermes' scheduling with a perfect predictor (upper bound of its predictor)",
+        {"partition": PolicySpec("hermes.adjust"), "predictor": PolicySpec("oracle"),
+         "balancer": PolicySpec("hermes.window")},
+    ),
+    "hermes-offline": (
+        "Hermes' offline ILP only: no online adjustment, no remapping, perfect predictor",
+        {"partition": PolicySpec("hermes.ilp"), "predictor": PolicySpec("oracle"), "balancer": PolicySpec("static")},
+    ),
+    "powerinfer-ndp": (
+        "PowerInfer's partition solver (maximise GPU activations) on the NDP-DIMM machine",
+        {"partition": PolicySpec("powerinfer.topk"), "predictor": PolicySpec("oracle"), "balancer": PolicySpec("static")},
+    ),
+    "topk": (
+        "static frequency top-k fills the GPU; round-robin DIMM mapping",
         {"partition": PolicySpec("topk"), "predictor": PolicySpec("oracle"), "balancer": PolicySpec("round-robin")},
     ),
     "random": (
@@ -20,7 +38,7 @@ SYSTEMS: dict[str, tuple[str, dict[str, PolicySpec]]] = {
     ),
     "ndp-only": (
         "every sparse neuron on the NDP-DIMMs, none on the GPU (dense projection still on the GPU)",
-        {"partition": PolicySpec("none"), "predictor": PolicySpec("oracle"), "balancer": PolicySpec("round-robin")},
+        {"partition": PolicySpec("none"), "predictor": PolicySpec("oracle"), "balancer": PolicySpec("static")},
     ),
 }
 

@@ -21,6 +21,7 @@ on_ptr, off_ptr     int64 (S*T + 1,)        CSR offsets; slot ``s*T + t`` holds 
 on_idx, off_idx     int32 (E,)              global neuron ids turning on / off at that token
 meta                str (JSON)              model name, source, generator parameters, ...
 offline_freqs       float32 (N,), optional  offline activation profile of every neuron
+layer_parents       int32 (N, 2), optional  two most correlated previous-layer neurons (-1: none)
 ==================  ======================  ==================================================
 
 Neuron ids are sorted within each token's on and off lists (the simulator's gathers are then
@@ -118,6 +119,9 @@ class ActivationTrace:
         #: optional (N,) offline activation profile (e.g. the generator's true frequencies, or a
         #: profiling run), used by offline partitioners instead of the prompts' activity
         self.offline_freqs = None if offline_freqs is None else np.asarray(offline_freqs, dtype=np.float32)
+        #: optional (N, 2) int64: each neuron's two most correlated previous-layer neurons (-1:
+        #: none), Hermes' offline correlation table; set by the generator or an offline profile
+        self.layer_parents: np.ndarray | None = None
         self._check_structure()
 
     # ---- structure ------------------------------------------------------------------------
@@ -285,8 +289,10 @@ class ActivationTrace:
                 chunks.append(idx[ptr[lo]: ptr[hi]])
                 counts.append(np.diff(ptr[lo: hi + 1]))
             parts[name] = (np.concatenate([[0], np.cumsum(np.concatenate(counts))]), _concat(chunks))
-        return ActivationTrace(self.layout, len(seqs), self.n_tokens, self.initial_packed[seqs],
-                               *parts["on"], *parts["off"], self.meta, self.offline_freqs)
+        out = ActivationTrace(self.layout, len(seqs), self.n_tokens, self.initial_packed[seqs],
+                              *parts["on"], *parts["off"], self.meta, self.offline_freqs)
+        out.layer_parents = self.layer_parents
+        return out
 
     # ---- I/O ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -298,6 +304,7 @@ class ActivationTrace:
             on_ptr=self.on_ptr, on_idx=self.on_idx, off_ptr=self.off_ptr, off_idx=self.off_idx,
             meta=json.dumps(self.meta),
             **({} if self.offline_freqs is None else {"offline_freqs": self.offline_freqs}),
+            **({} if self.layer_parents is None else {"layer_parents": self.layer_parents.astype(np.int32)}),
         )
 
     @classmethod
@@ -326,9 +333,15 @@ class ActivationTrace:
             meta = json.loads(str(data["meta"])) if "meta" in data else {}
         except json.JSONDecodeError:
             raise TraceError(f"trace '{path}' has corrupt metadata (not JSON)") from None
-        return cls(layout, int(data["n_seqs"]), int(data["n_tokens"]), data["initial_packed"],
-                   data["on_ptr"], data["on_idx"], data["off_ptr"], data["off_idx"], meta,
-                   data.get("offline_freqs"))
+        trace = cls(layout, int(data["n_seqs"]), int(data["n_tokens"]), data["initial_packed"],
+                    data["on_ptr"], data["on_idx"], data["off_ptr"], data["off_idx"], meta,
+                    data.get("offline_freqs"))
+        if "layer_parents" in data:
+            parents = data["layer_parents"].astype(np.int64)
+            if parents.shape != (trace.n_neurons, 2) or parents.min() < -1 or parents.max() >= trace.n_neurons:
+                raise TraceError(f"trace '{path}' has a corrupt layer_parents table")
+            trace.layer_parents = parents
+        return trace
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:

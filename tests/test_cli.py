@@ -25,7 +25,8 @@ def test_simulate_json():
     assert out["tokens_per_s"] > 0
     assert {"gpu_compute", "dimm_compute", "attention", "sync", "pcie", "dimm_link",
             "exposed_migration"} <= set(out["breakdown_s"])
-    assert out["config"]["model"] == "tiny" and out["config"]["partition"]["name"] == "topk"
+    assert out["config"]["model"] == "tiny" and out["config"]["partition"]["name"] == "hermes.adjust"
+    assert 0 <= out["predictor"]["recall"] <= 1
 
 
 def test_simulate_table_and_policy_flags():
@@ -66,7 +67,8 @@ def test_list():
     (["simulate", "--gpu", "rtx5090"], "unknown GPU 'rtx5090'"),
     (["simulate", "--balancer", "hermes.windw"], "unknown balancer policy 'hermes.windw'"),
     (["simulate", "--system", "hermez"], "unknown system 'hermez'"),
-    (["simulate", "--set", "balancer.params.windw=3"], "takes no parameters"),
+    (["simulate", "--set", "balancer.params.windw=3"], "unknown parameter of balancer policy 'hermes.window' 'windw'"),
+    (["simulate", "--balancer", "round-robin", "--set", "balancer.params.x=3"], "takes no parameters"),
     (["simulate", "--set", "dimm=3"], "unknown config key 'dimm'"),
     (["simulate", "--model", "falcon-40b", "--dimms", "2"], "does not fit"),
     (["simulate", "--dimms", "0"], "dimms must be a positive integer"),

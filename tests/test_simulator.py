@@ -76,8 +76,8 @@ def test_breakdown_adds_up_and_tokens_per_s(tiny_model, tiny_hw, tiny_trace):
     r = simulate(cfg, trace=tiny_trace)
     assert sum(r.breakdown_s.values()) == pytest.approx(r.prefill_s + r.decode_s)
     assert r.tokens_per_s == pytest.approx(30 / (r.prefill_s + r.decode_s))
-    assert 0 < r.hot_fraction < 1
-    assert r.config["partition"]["name"] == "topk"
+    assert 0 <= r.hot_fraction <= 1
+    assert r.config["partition"]["name"] == "hermes.adjust" and r.config["predictor"]["name"] == "hermes.fsm"
 
 
 def test_same_seed_same_result(tiny_trace):

@@ -128,7 +128,8 @@ def test_frequencies_and_overlap_match_the_chains(monkeypatch, blocks):
     model = load_model("tiny")
     layout = NeuronLayout.of(model)
     n_tokens, n_seqs = 4000, 4
-    trace = tg.synthetic_trace(model, n_tokens, n_seqs, token_overlap=0.9, seed=2)
+    trace = tg.synthetic_trace(model, n_tokens, n_seqs, token_overlap=0.9, seed=2, layer_coupling=0.0,
+                               profile_drift=0.0)
     f = trace.offline_freqs.astype(np.float64)
     emp = trace.frequencies()
     rho = tg.persistence_for_overlap(f, layout, 0.9)[layout.group_of()]
