@@ -164,6 +164,7 @@ class Simulator:
         on_gpu = self.partition.initial_partition(ctx)
         home = self.balancer.initial_mapping(ctx, on_gpu)
         placement = Placement(on_gpu, home)
+        self._dimm_bytes = np.bincount(home, weights=ctx.neuron_bytes, minlength=self.hw.n_dimms)
         group = ctx.group_of
         # key of a neuron = its (group, device) cell; int16 keeps the gathers cache friendly
         key_dtype = np.int16 if K < 2**15 else np.int32
@@ -341,7 +342,12 @@ class Simulator:
         real = src != dest
         idx, src, dest = idx[real], src[real], dest[real]
         placement.home_dimm[idx] = dest
-        check_dimm_capacity(ctx, placement.home_dimm, who)
+        # per-DIMM weight bytes, updated by the moves only (a full recount is O(neurons))
+        moved = ctx.neuron_bytes[idx]
+        self._dimm_bytes += np.bincount(dest, weights=moved, minlength=ctx.n_dimms)
+        self._dimm_bytes -= np.bincount(src, weights=moved, minlength=ctx.n_dimms)
+        if self._dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
+            check_dimm_capacity(ctx, placement.home_dimm, who)   # names the DIMM
         cold = ~placement.on_gpu[idx]
         self._rekey(idx[cold], dest[cold].astype(np.int32) + 1, ctx.group_of, key_of, active, total, union, B, n_dev)
         # DIMM-link time per layer: the busiest DIMM port (sent or received bytes) bounds it

@@ -133,12 +133,6 @@ class PowerInferTopK(PartitionPolicy):
         return res.on_gpu
 
 
-def _sorted_unique(ids: np.ndarray) -> np.ndarray:
-    """Sorted distinct values (numpy's hash-based unique is slower for int arrays this size)."""
-    ids = np.sort(ids)
-    return ids[np.concatenate([[True], ids[1:] != ids[:-1]])] if len(ids) else ids
-
-
 @register_policy("partition", "hermes.adjust")
 class HermesAdjust(HermesIlp):
     """Hermes' online hot/cold adjustment on top of the offline ILP.
@@ -179,6 +173,7 @@ class HermesAdjust(HermesIlp):
                                        self.params.state_inc, self.params.state_dec)
         # every neuron that fired since the last decision, plus the prompt's active set
         self._seen = [np.flatnonzero(active)]
+        self._stamp = np.zeros(ctx.n_neurons, dtype=np.int64)
         self.promotions = 0
 
     def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
@@ -190,10 +185,10 @@ class HermesAdjust(HermesIlp):
         seen = np.concatenate(self._seen)
         cand = seen[~placement.on_gpu[seen]]
         cand = cand[self.states.states(cand, now) > p.hot_threshold]
-        cand = _sorted_unique(cand)             # filter first: the unique set is small
+        # distinct ids in O(n): the last write of an id into the stamp array wins
+        self._stamp[cand] = np.arange(len(cand))
+        cand = cand[self._stamp[cand] == np.arange(len(cand))]
         cand_state = self.states.states(cand, now)
-        # candidates that stay hot are re-examined next window even without a new toggle
-        self._seen = [cand]
         if len(cand) == 0:
             return None
         hot = np.flatnonzero(placement.on_gpu)
@@ -221,6 +216,11 @@ class HermesAdjust(HermesIlp):
             per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw              # bytes hidden per layer
             cap = np.floor(per_layer / 2 / ctx.cost.neuron_bytes[c_stage % 2]).astype(np.int64)
             swap &= c_rank < cap
+            # candidates still hot are re-examined next window even without a new toggle; a
+            # stage can take at most ``cap`` per window, so its best 2 x cap leftovers suffice
+            self._seen = [cand[~swap & (c_rank < 2 * cap + cap)]]
+        else:
+            self._seen = [cand[~swap]]
         if not swap.any():
             return None
         self.promotions += int(swap.sum())

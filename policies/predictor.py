@@ -63,7 +63,7 @@ class HermesFsm(PredictorPolicy):
         mode: str = "both"
         state_inc: int = 4
         state_dec: int = 1
-        false_negative: str = "drop"
+        false_negative: str = "recompute"
 
         def __post_init__(self) -> None:
             if self.mode not in ("both", "token", "layer"):
@@ -143,13 +143,18 @@ class HermesFsm(PredictorPolicy):
         s0 = self.states.states(ids, token - 1)
         for v in self.levels:
             if rising:
-                k = np.ceil((v - s0) / max(self.params.state_inc, 1)).astype(np.int64)
+                k = -((s0 - v) // max(self.params.state_inc, 1))      # ceil((v - s0) / inc)
             else:
                 k = s0 - v + 1
             # the state after token-1+k crosses v: the prediction for token+k changes
             ok = (k >= 1) & (k <= self.HORIZON - 1) & ((s0 < v) if rising else (s0 >= v))
-            for kk in np.unique(k[ok]):
-                self.calendar[(token + kk) % self.HORIZON].append(ids[ok & (k == kk)])
+            sel, kk = ids[ok], k[ok].astype(np.uint8)
+            order = np.argsort(kk, kind="stable")                   # radix sort of small ints
+            sel, kk = sel[order], kk[order]
+            bounds = np.searchsorted(kk, np.arange(1, self.HORIZON + 1))
+            for j in range(self.HORIZON - 1):
+                if bounds[j + 1] > bounds[j]:
+                    self.calendar[(token + j + 1) % self.HORIZON].append(sel[bounds[j]: bounds[j + 1]])
 
     def _predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
