@@ -11,13 +11,16 @@ from .tracegen import synthetic_trace
 
 
 def run_bench(models: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 128,
-              system: str = "hermes", seed: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+              systems: tuple[str, ...] = ("hermes-offline", "hermes"), seed: int = 0,
+              progress: bool = False) -> list[dict[str, Any]]:
     """One row per (model, batch).
 
     ``sim_tokens_per_s`` = generated tokens / wall time of the decode loop; the modelled machine's
     own decode speed is ``modelled_tokens_per_s`` = generated tokens / modelled decode time, and
     ``ratio`` is how much faster than real time the simulator runs. The synthetic trace is made
     once per model (with the largest batch's sequences) and its cost reported as ``trace_gen_s``.
+    One row per (model, batch, system): ``hermes-offline`` (offline ILP, static mapping) exercises
+    the execution model alone; ``hermes`` adds the online predictor, adjustment and remapping.
     """
     rows = []
     for name in models:
@@ -26,20 +29,21 @@ def run_bench(models: list[str], batches: list[int], prompt_len: int = 128, gen_
         trace = synthetic_trace(model, prompt_len + gen_len, max(batches), seed=seed)
         gen_s = time.perf_counter() - t0
         for batch in batches:
-            cfg = RunConfig(system=system, model=name, batch=batch, prompt_len=prompt_len, gen_len=gen_len, seed=seed)
-            sub = trace if trace.n_seqs == batch else trace.sequences(range(batch))
-            r = simulate(cfg, trace=sub, progress=progress)
-            tokens = gen_len * batch
-            sim_tps = tokens / r.loop_wall_s
-            modelled_tps = tokens / r.decode_s
-            rows.append({
-                "model": name, "batch": batch,
-                "sim_tokens_per_s": sim_tps,
-                "modelled_tokens_per_s": modelled_tps,
-                "ratio": sim_tps / modelled_tps,
-                "setup_s": r.wall_s - r.loop_wall_s,
-                "end_to_end_tokens_per_s": tokens / r.wall_s,
-                "trace_gen_s": gen_s,
-                "n_neurons": model.n_neurons,
-            })
+            for system in systems:
+                cfg = RunConfig(system=system, model=name, batch=batch, prompt_len=prompt_len, gen_len=gen_len, seed=seed)
+                sub = trace if trace.n_seqs == batch else trace.sequences(range(batch))
+                r = simulate(cfg, trace=sub, progress=progress)
+                tokens = gen_len * batch
+                sim_tps = tokens / r.loop_wall_s
+                modelled_tps = tokens / r.decode_s
+                rows.append({
+                    "model": name, "batch": batch, "system": system,
+                    "sim_tokens_per_s": sim_tps,
+                    "modelled_tokens_per_s": modelled_tps,
+                    "ratio": sim_tps / modelled_tps,
+                    "setup_s": r.wall_s - r.loop_wall_s,
+                    "end_to_end_tokens_per_s": tokens / r.wall_s,
+                    "trace_gen_s": gen_s,
+                    "n_neurons": model.n_neurons,
+                })
     return rows

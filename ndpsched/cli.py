@@ -88,6 +88,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ("bytes moved", ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in result.bytes_moved.items())),
         ("simulated in", f"{result.wall_s:.2f} s wall"),
     ]
+    if result.predictor:
+        pr = result.predictor
+        head.insert(-1, ("predictor", f"recall {pr['recall']:.3f}, precision {pr['precision']:.3f}, state table "
+                                      f"{pr['state_table_bytes'] / 1024:.0f} KiB, correlation table "
+                                      f"{pr['correlation_table_bytes'] / 2**20:.1f} MiB"))
+    info = c["partition"].get("info")
+    if info and "solve_s" in info:
+        head.insert(-1, ("partition ILP", f"solved in {info['solve_s']:.2f} s, optimality gap {100 * info['mip_gap']:.3f} %"))
     print(_fmt_table(head, "ndpsched simulate"))
     print()
     comp_rows = [(k, f"{v:9.4f} s  {100 * v / total:5.1f} %") for k, v in result.breakdown_s.items()]
@@ -101,17 +109,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     rows = run_bench(models=args.models.split(","), batches=[int(b) for b in args.batches.split(",")],
-                     prompt_len=args.prompt_len, gen_len=args.gen_len, system=args.system, seed=args.seed,
-                     progress=not args.json and sys.stderr.isatty())
+                     prompt_len=args.prompt_len, gen_len=args.gen_len, systems=tuple(args.systems.split(",")),
+                     seed=args.seed, progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps({"rows": rows}, indent=2))
         return 0
-    cols = ["model", "batch", "sim_tokens_per_s", "modelled_tokens_per_s", "ratio", "setup_s",
+    cols = ["model", "batch", "system", "sim_tokens_per_s", "modelled_tokens_per_s", "ratio", "setup_s",
             "end_to_end_tokens_per_s", "trace_gen_s"]
-    print("ndpsched bench: simulated decode tokens per second of wall time (one process, one core)")
-    print("  ".join(f"{c:>22}" for c in cols))
+    print("ndpsched bench: simulated decode tokens per second of wall time (one process)")
+    print("  ".join(f"{c:>15}" for c in cols))
     for r in rows:
-        print("  ".join(f"{r[c]:>22.2f}" if isinstance(r[c], float) else f"{r[c]:>22}" for c in cols))
+        print("  ".join(f"{r[c]:>15.2f}" if isinstance(r[c], float) else f"{r[c]:>15}" for c in cols))
     print("sim_tokens_per_s: decode loop only; end_to_end adds set-up (profiles, initial placement);"
           " trace_gen_s: synthetic trace generation, once per model")
     return 0
@@ -178,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,16")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--system", default="hermes")
+    p.add_argument("--systems", default="hermes-offline,hermes",
+                   help="comma-separated systems; hermes-offline times the execution model alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)

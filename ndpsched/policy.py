@@ -177,7 +177,10 @@ class Policy:
     def describe(self) -> dict[str, Any]:
         from dataclasses import asdict, is_dataclass
         params = asdict(self.params) if is_dataclass(self.params) else {}
-        return {"name": self.registered_name, "params": params}
+        out = {"name": self.registered_name, "params": params}
+        if getattr(self, "info", None):
+            out["info"] = dict(self.info)     # e.g. an ILP's solve time and optimality gap
+        return out
 
 
 class PartitionPolicy(Policy):

@@ -26,9 +26,9 @@ def child_maps(parents: np.ndarray, n: int) -> list[np.ndarray]:
     for c in range(parents.shape[1]):
         col = parents[:, c]
         valid = np.flatnonzero(col >= 0)
-        if len(np.unique(col[valid])) != len(valid):
+        if len(valid) and np.bincount(col[valid], minlength=n).max() > 1:
             raise ValueError("correlation table column is not one-to-one")
-        child = np.full(n, -1, dtype=np.intp)
+        child = np.full(n, -1, dtype=np.int32)
         child[col[valid]] = valid
         maps.append(child)
     return maps
@@ -103,15 +103,18 @@ class HermesFsm(PredictorPolicy):
         # token; a parent that toggles at that token re-evaluates its children then
         self.pred = self._rule(np.arange(n), token + 1)
         # levels of s1 at which a prediction can change, for the scheduler
+        # levels of s1 at which a prediction can change, each with the s2 under which it matters
+        # (None: any s2)
         if p.mode == "token":
-            self.levels = np.array([int(np.floor(p.token_threshold)) + 1])
+            self.levels = [(int(np.floor(p.token_threshold)) + 1, None)]
         elif p.mode == "layer":
-            self.levels = np.zeros(0, dtype=np.int64)
+            self.levels = []
         else:
-            self.levels = np.unique([int(np.floor(p.threshold - p.lam * k)) + 1 for k in (0, 1, 2)
-                                     if 0 < p.threshold - p.lam * k + 1 <= 15])
-        self.calendar: list[list[np.ndarray]] = [[] for _ in range(self.HORIZON + 1)]
-        self.stamp = np.full(n, -1, dtype=np.int64)
+            self.levels = [(int(np.floor(p.threshold - p.lam * k)) + 1, k) for k in (0, 1, 2)
+                           if 0 < np.floor(p.threshold - p.lam * k) + 1 <= self.states.max_state]
+        # calendar[level][token % HORIZON]: neurons whose state crosses that level then
+        self.calendar: list[list[list[np.ndarray]]] = [[[] for _ in range(self.HORIZON)] for _ in self.levels]
+        self.stamp = np.full(n, -1, dtype=np.int32)
         self.computed = self.pred | self.act if p.false_negative == "recompute" else self.pred.copy()
         self.stats = {"tokens": 0, "active": 0, "predicted": 0, "hits": 0}
         self._count = [int(self.act.sum()), int(self.pred.sum()), int((self.act & self.pred).sum())]
@@ -138,10 +141,10 @@ class HermesFsm(PredictorPolicy):
         """Queue the tokens at which the trajectory of ``ids``, firing (rising) or idle from
         ``token`` on, crosses a level: the state after token-1+k is s0 +- k steps, and it decides
         the prediction for token+k."""
-        if len(self.levels) == 0 or len(ids) == 0:
+        if not self.levels or len(ids) == 0:
             return
         s0 = self.states.states(ids, token - 1)
-        for v in self.levels:
+        for li, (v, _) in enumerate(self.levels):
             if rising:
                 k = -((s0 - v) // max(self.params.state_inc, 1))      # ceil((v - s0) / inc)
             else:
@@ -154,7 +157,7 @@ class HermesFsm(PredictorPolicy):
             bounds = np.searchsorted(kk, np.arange(1, self.HORIZON + 1))
             for j in range(self.HORIZON - 1):
                 if bounds[j + 1] > bounds[j]:
-                    self.calendar[(token + j + 1) % self.HORIZON].append(sel[bounds[j]: bounds[j + 1]])
+                    self.calendar[li][(token + j + 1) % self.HORIZON].append(sel[bounds[j]: bounds[j + 1]])
 
     def _predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
@@ -169,12 +172,23 @@ class HermesFsm(PredictorPolicy):
             self.s2[k_off] -= 1
             kids += [k_on, k_off]
         slot = token % self.HORIZON
-        due = self.calendar[slot]
-        self.calendar[slot] = []
+        due = []
+        for li, (_, s2_needed) in enumerate(self.levels):
+            ids = self.calendar[li][slot]
+            self.calendar[li][slot] = []
+            if not ids:
+                continue
+            ids = np.concatenate(ids)
+            if s2_needed is not None:
+                # crossing this level flips a prediction only for neurons with that s2 (layer 0: 2)
+                s2 = np.where(self.first_layer[ids], 2, self.s2[ids])
+                ids = ids[s2 == s2_needed]
+            due.append(ids)
         cand = np.concatenate([*kids, on, off, *due])
         # dedupe with a stamp: keep the last occurrence of every id
-        self.stamp[cand] = np.arange(len(cand))
-        cand = cand[self.stamp[cand] == np.arange(len(cand))]
+        pos = np.arange(len(cand), dtype=np.int32)
+        self.stamp[cand] = pos
+        cand = cand[self.stamp[cand] == pos]
         old_act, old_pred = self.act[cand], self.pred[cand]
         self.act[on] = True
         self.act[off] = False

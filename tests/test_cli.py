@@ -51,7 +51,8 @@ def test_bench_json_rows():
     out = json.loads(run("bench", "--models", "tiny", "--batches", "1,2", "--prompt-len", "8",
                          "--gen-len", "16", "--json").stdout)
     rows = out["rows"]
-    assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 1), ("tiny", 2)]
+    assert [(r["model"], r["batch"], r["system"]) for r in rows] == [
+        ("tiny", 1, "hermes-offline"), ("tiny", 1, "hermes"), ("tiny", 2, "hermes-offline"), ("tiny", 2, "hermes")]
     for r in rows:
         assert r["sim_tokens_per_s"] > 0 and r["modelled_tokens_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["sim_tokens_per_s"] / r["modelled_tokens_per_s"])
