@@ -90,8 +90,30 @@ def _imbalanced_groups(window: WindowActivity, tolerance: float) -> np.ndarray:
     return np.flatnonzero((mean > 0) & (load.max(axis=1) > (1 + tolerance) * mean))
 
 
+class WindowRebalancer(BalancerPolicy):
+    """Base of the online balancers: frequency-balanced start; each window, the stages whose
+    slowest DIMM exceeds the mean by more than ``params.tolerance`` are rebalanced by
+    :meth:`_rebalance` from their cold neurons that fired in the window."""
+
+    uses_neuron_activity = True
+    def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
+        return snake_mapping(ctx, on_gpu)
+
+    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+        groups = _imbalanced_groups(window, self.params.tolerance)
+        if len(groups) == 0 or self.ctx.n_dimms < 2:
+            return None
+        self._windows = getattr(self, "_windows", 0) + 1
+        stride = getattr(self.params, "candidate_stride", 1)
+        ids, home, A = _window_candidates(self.ctx, window, placement, groups, stride, self._windows)
+        return self._rebalance(window, groups, ids, home, A)
+
+    def _rebalance(self, window, groups, ids, home, A) -> BalanceMoves | None:
+        raise NotImplementedError  # abstract
+
+
 @register_policy("balancer", "hermes.window")
-class HermesWindow(BalancerPolicy):
+class HermesWindow(WindowRebalancer):
     """Hermes Algorithm 1: per window, pair the busiest DIMM with the idlest, the 2nd busiest
     with the 2nd idlest, ...; within a pair move the most-activated cold neurons from the busy
     DIMM to its partner while the busy side stays the more loaded (as printed, the loop condition
@@ -102,8 +124,6 @@ class HermesWindow(BalancerPolicy):
     keeps DIMM runtimes within 5 %); this also keeps the policy's cost proportional to the
     imbalanced stages, not to the model. Initial mapping: frequency-balanced snake order.
     """
-
-    uses_neuron_activity = True
 
     @dataclass(frozen=True)
     class Params:
@@ -124,16 +144,8 @@ class HermesWindow(BalancerPolicy):
             if self.candidate_stride < 1:
                 raise ValueError(f"candidate_stride must be >= 1, got {self.candidate_stride}")
 
-    def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
-        return snake_mapping(ctx, on_gpu)
-
-    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+    def _rebalance(self, window, groups, ids, home, A) -> BalanceMoves | None:
         ctx, J = self.ctx, self.ctx.n_dimms
-        groups = _imbalanced_groups(window, self.params.tolerance)
-        if len(groups) == 0 or J < 2:
-            return None
-        self._windows = getattr(self, "_windows", 0) + 1
-        ids, home, A = _window_candidates(ctx, window, placement, groups, self.params.candidate_stride, self._windows)
         load = window.device_load[groups, 1:]                       # (G, J) Z_j per stage
         rank_of_dimm = np.argsort(np.argsort(-load, axis=1, kind="stable"), axis=1, kind="stable")
         dimm_at_rank = np.argsort(-load, axis=1, kind="stable")      # rank -> DIMM
@@ -163,7 +175,7 @@ class HermesWindow(BalancerPolicy):
 
 
 @register_policy("balancer", "greedy.lpt")
-class GreedyLPT(BalancerPolicy):
+class GreedyLPT(WindowRebalancer):
     """Longest-processing-time-first re-assignment of each window's activity.
 
     Per window and stage, the cold neurons that fired are sorted by activation count and each
@@ -171,8 +183,6 @@ class GreedyLPT(BalancerPolicy):
     their load). Near-perfect balance for the window just seen, at the price of many moves;
     a strong classic baseline. Runs over all stages at once, J neurons per round.
     """
-
-    uses_neuron_activity = True
 
     @dataclass(frozen=True)
     class Params:
@@ -182,15 +192,8 @@ class GreedyLPT(BalancerPolicy):
             if self.tolerance < 0:
                 raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
 
-    def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
-        return snake_mapping(ctx, on_gpu)
-
-    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+    def _rebalance(self, window, groups, ids, home, A) -> BalanceMoves | None:
         ctx, J = self.ctx, self.ctx.n_dimms
-        groups = _imbalanced_groups(window, self.params.tolerance)
-        if len(groups) == 0 or J < 2:
-            return None
-        ids, home, A = _window_candidates(ctx, window, placement, groups)
         gpos = np.searchsorted(groups, ctx.group_of[ids])
         # load of the neurons that stay (did not fire): the fired ones are re-assigned
         load = window.device_load[groups, 1:].astype(np.float64).copy()

@@ -22,6 +22,16 @@ def fill_budget(order: np.ndarray, neuron_bytes: np.ndarray, budget_bytes: float
     return on_gpu
 
 
+@dataclass(frozen=True)
+class BudgetParams:
+    #: fraction of the GPU budget to fill (1.0 = all of it)
+    budget_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.budget_fraction <= 1:
+            raise ValueError(f"budget_fraction must be in [0, 1], got {self.budget_fraction}")
+
+
 @register_policy("partition", "topk")
 class StaticTopK(PartitionPolicy):
     """Static frequency top-k: the most frequently active neurons, over all layers, fill the GPU.
@@ -30,14 +40,7 @@ class StaticTopK(PartitionPolicy):
     ranking is by offline frequency f_i alone. Never changes online.
     """
 
-    @dataclass(frozen=True)
-    class Params:
-        #: fraction of the GPU budget to fill (1.0 = all of it)
-        budget_fraction: float = 1.0
-
-        def __post_init__(self) -> None:
-            if not 0 <= self.budget_fraction <= 1:
-                raise ValueError(f"budget_fraction must be in [0, 1], got {self.budget_fraction}")
+    Params = BudgetParams
 
     def _initial(self, ctx: SchedContext) -> np.ndarray:
         order = np.argsort(-ctx.offline_freqs, kind="stable")
@@ -48,13 +51,7 @@ class StaticTopK(PartitionPolicy):
 class RandomPartition(PartitionPolicy):
     """Random neurons fill the GPU budget (the 'random placement' step of Hermes' ablation)."""
 
-    @dataclass(frozen=True)
-    class Params:
-        budget_fraction: float = 1.0
-
-        def __post_init__(self) -> None:
-            if not 0 <= self.budget_fraction <= 1:
-                raise ValueError(f"budget_fraction must be in [0, 1], got {self.budget_fraction}")
+    Params = BudgetParams
 
     def _initial(self, ctx: SchedContext) -> np.ndarray:
         order = ctx.rng.permutation(ctx.n_neurons)
