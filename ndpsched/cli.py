@@ -90,7 +90,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     ]
     if result.predictor:
         pr = result.predictor
-        head.insert(-1, ("predictor", f"recall {pr['recall']:.3f}, precision {pr['precision']:.3f}, state table "
+        head.insert(-1, ("predictor", f"recall {pr['recall']:.3f}, precision {pr['precision']:.3f}, "
+                                      f"accuracy {pr['accuracy']:.3f}, state table "
                                       f"{pr['state_table_bytes'] / 1024:.0f} KiB, correlation table "
                                       f"{pr['correlation_table_bytes'] / 2**20:.1f} MiB"))
     info = c["partition"].get("info")

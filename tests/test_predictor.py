@@ -75,6 +75,8 @@ def test_event_driven_fsm_matches_dense_reference(seed, tiny_model, tiny_hw):
     summary = pred.summary()
     assert summary["recall"] == pytest.approx(hits / active)
     assert summary["precision"] == pytest.approx(hits / predicted)
+    wrong = predicted + active - 2 * hits
+    assert summary["accuracy"] == pytest.approx(1 - wrong / ((n_tokens - P) * tiny_model.n_neurons))
     assert summary["state_table_bytes"] == (tiny_model.n_neurons * 4 + 7) // 8
 
 
