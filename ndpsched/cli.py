@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from .errors import NdpschedError
@@ -149,6 +150,42 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- compare ----------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import plot, run_compare, write_csv
+
+    systems = args.systems.split(",")
+    rows = run_compare(args.model, [int(b) for b in args.batch.split(",")], systems, baseline=args.baseline,
+                       gpu=args.gpu, dimms=args.dimms, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                       seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / f"compare_{args.model}.csv")
+    plotted = plot(rows, out / f"compare_{args.model}.png", f"{args.model}: {args.gpu} + {args.dimms} NDP-DIMMs")
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=2))
+        return 0
+    batches = list(dict.fromkeys(r["batch"] for r in rows))
+    key = "speedup_vs_" + args.baseline
+    print(f"ndpsched compare: {args.model}, tokens/s (x over {args.baseline})")
+    print(f"{'system':<16}" + "".join(f"{'batch ' + str(b):>20}" for b in batches))
+    for system in systems:
+        cells = []
+        for b in batches:
+            r = next(r for r in rows if r["system"] == system and r["batch"] == b)
+            if r["tokens_per_s"] is None:
+                cells.append(f"{'n/a':>20}")
+            else:
+                sp = f" ({r[key]:.1f}x)" if r[key] else ""
+                cells.append(f"{r['tokens_per_s']:>12.2f}{sp:>8}")
+        print(f"{system:<16}" + "".join(cells))
+    for r in rows:
+        if r["reason"]:
+            print(f"n/a: {r['system']} batch {r['batch']}: {r['reason']}")
+    print(f"wrote {out / f'compare_{args.model}.csv'}" + (f" and {out / f'compare_{args.model}.png'}" if plotted else ""))
+    return 0
+
+
 # ---- list -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from .presets import gpu_names, model_names
@@ -164,7 +201,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for role in ROLES:
             print(f"{role + ':':<10}" + ", ".join(registry(role).names()))
     if what in ("systems", "all"):
-        for name, (desc, _) in sorted(SYSTEMS.items()):
+        from .baselines import BASELINES
+
+        for name, (desc, _) in sorted({**SYSTEMS, **BASELINES}.items()):
             print(f"system {name}: {desc}")
     return 0
 
@@ -204,6 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ablation)
+
+    from .compare import DEFAULT_SYSTEMS
+
+    p = sub.add_parser("compare", help="every system side by side: tokens/s per batch, CSV and plot")
+    p.add_argument("--model", default="opt-66b")
+    p.add_argument("--batch", default="1,2,4,8,16")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS))
+    p.add_argument("--baseline", default="accelerate")
+    p.add_argument("--gpu", default="rtx4090")
+    p.add_argument("--dimms", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/compare", help="folder for the CSV and the PNG")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("list", help="list presets, policies and systems")
     p.add_argument("what", nargs="?", default="all", choices=["all", "models", "gpus", "policies", "systems"])

@@ -60,6 +60,8 @@ class RunConfig:
     cost: dict[str, Any] = field(default_factory=dict)
     #: hardware part overrides, e.g. {"gpu": {"kernel_overhead_us": 3.0}, "dimm": {...}}
     hardware: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: BaselineParams overrides for the baseline systems, e.g. {"weight_bits": 4}
+    baseline: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # accept plain strings / mappings for the nested specs (YAML and Python callers)
@@ -172,8 +174,8 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         _check_keys({parts[1]: value}, TraceSpec, "trace")
         data["trace"][parts[1]] = value
         return
-    if top == "cost" and len(parts) == 2:
-        data["cost"][parts[1]] = value
+    if top in ("cost", "baseline") and len(parts) == 2:
+        data[top][parts[1]] = value
         return
     if top == "hardware" and len(parts) == 3:
         data["hardware"].setdefault(parts[1], {})[parts[2]] = value

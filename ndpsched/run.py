@@ -12,7 +12,7 @@ from .models import ModelSpec
 from .presets import build_spec, load_hardware, load_model
 from .registry import registry
 from .simulator import SimResult, Simulator
-from .systems import system_policies
+from .systems import HOST_SYSTEMS, canonical, system_policies
 from .trace import ActivationTrace
 from .tracegen import TRACE_GENERATORS, synthetic_trace
 
@@ -52,6 +52,10 @@ def build_simulator(cfg: RunConfig, trace: ActivationTrace | None = None) -> Sim
     """Validate ``cfg`` and assemble the simulator (presets, policies, trace)."""
     model = load_model(cfg.model)
     hw = load_hardware(cfg.gpu, cfg.dimms, overrides=cfg.hardware)
+    if canonical(cfg.system) in HOST_SYSTEMS:
+        from .baselines import host_platform
+
+        hw = host_platform(hw)
     cost_params = build_spec(CostParams, cfg.cost, "cost parameters")
     specs = resolve_policies(cfg)
     policies = {role: registry(role).create(spec.name, spec.params) for role, spec in specs.items()}
@@ -65,7 +69,20 @@ def build_simulator(cfg: RunConfig, trace: ActivationTrace | None = None) -> Sim
 
 
 def simulate(cfg: RunConfig, trace: ActivationTrace | None = None, progress: bool = False) -> SimResult:
-    """Run one configuration; the result carries the fully resolved configuration."""
+    """Run one configuration; the result carries the fully resolved configuration.
+
+    Baseline systems (``ndpsched.baselines.BASELINES``) are priced analytically; the NDP and
+    host systems run the neuron-level simulator.
+    """
+    from .baselines import BASELINES, BaselineParams, run_baseline
+
+    if cfg.system in BASELINES:
+        model = load_model(cfg.model)
+        hw = load_hardware(cfg.gpu, cfg.dimms, overrides=cfg.hardware)
+        params = build_spec(BaselineParams, cfg.baseline, "baseline parameters")
+        result = run_baseline(cfg.system, model, hw, cfg.batch, cfg.prompt_len, cfg.gen_len, params)
+        result.config = {**cfg.to_dict(), **result.config}
+        return result
     sim = build_simulator(cfg, trace)
     result = sim.run(progress=progress)
     resolved: dict[str, Any] = cfg.to_dict()

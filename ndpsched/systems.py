@@ -28,6 +28,11 @@ SYSTEMS: dict[str, tuple[str, dict[str, PolicySpec]]] = {
         "PowerInfer's partition solver (maximise GPU activations) on the NDP-DIMM machine",
         {"partition": PolicySpec("powerinfer.topk"), "predictor": PolicySpec("oracle"), "balancer": PolicySpec("static")},
     ),
+    "powerinfer": (
+        "PowerInfer (Hermes calls it hermes-host): hot neurons on the GPU, cold neurons computed by "
+        "the host CPU at its memory bandwidth",
+        {"partition": PolicySpec("powerinfer.topk"), "predictor": PolicySpec("oracle"), "balancer": PolicySpec("static")},
+    ),
     "topk": (
         "static frequency top-k fills the GPU; round-robin DIMM mapping",
         {"partition": PolicySpec("topk"), "predictor": PolicySpec("oracle"), "balancer": PolicySpec("round-robin")},
@@ -43,11 +48,24 @@ SYSTEMS: dict[str, tuple[str, dict[str, PolicySpec]]] = {
 }
 
 
+#: other names accepted for a system
+ALIASES = {"hermes-host": "powerinfer"}
+#: systems whose cold neurons run on the host CPU instead of NDP-DIMMs
+HOST_SYSTEMS = {"powerinfer"}
+
+
 def system_names() -> list[str]:
-    return sorted(SYSTEMS)
+    from .baselines import BASELINES
+
+    return sorted({*SYSTEMS, *ALIASES, *BASELINES})
+
+
+def canonical(name: str) -> str:
+    return ALIASES.get(name, name)
 
 
 def system_policies(name: str) -> dict[str, PolicySpec]:
+    name = canonical(name)
     if name not in SYSTEMS:
-        raise unknown_name("system", name, SYSTEMS)
+        raise unknown_name("system", name, system_names())
     return {role: PolicySpec(spec.name, dict(spec.params)) for role, spec in SYSTEMS[name][1].items()}

@@ -99,3 +99,12 @@ def test_corrupt_and_mismatched_trace_files(tmp_path):
     synthetic_trace(load_model("tiny"), 40, 1, seed=3).save(other)
     proc = run("simulate", "--model", "relullama-7b", "--trace", str(other), check=False)
     assert proc.returncode == 2 and "does not match model 'relullama-7b'" in proc.stderr
+
+
+def test_compare_writes_csv_and_plot(tmp_path):
+    proc = run("compare", "--model", "tiny", "--batch", "1,2", "--systems", "hermes-offline,accelerate,airllm",
+               "--prompt-len", "8", "--gen-len", "8", "--out", str(tmp_path))
+    assert "hermes-offline" in proc.stdout and "x)" in proc.stdout
+    csv_text = (tmp_path / "compare_tiny.csv").read_text()
+    assert "speedup_vs_accelerate" in csv_text.splitlines()[0]
+    assert (tmp_path / "compare_tiny.png").stat().st_size > 1000

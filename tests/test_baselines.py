@@ -1,0 +1,108 @@
+"""The systems Hermes compares with: hand-computed oracles, monotonicity, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ndpsched.baselines import BASELINES, BaselineParams, host_platform, run_baseline
+from ndpsched.config import RunConfig
+from ndpsched.errors import CapacityError, UnknownNameError
+from ndpsched.hardware import GB
+from ndpsched.presets import load_hardware, load_model
+from ndpsched.run import simulate
+
+
+@pytest.fixture
+def small():
+    # a small model on a GPU that holds only part of it
+    model = load_model("relullama-7b")
+    hw = load_hardware("rtx4090", 8, overrides={"gpu": {"memory_bytes": 8e9, "reserved_bytes": 1e9}})
+    return model, hw
+
+
+def test_zero_inference_by_hand(small):
+    model, hw = small
+    r = run_baseline("zero-inference", model, hw, 1, 16, 4)
+    g = hw.gpu
+    stream = model.layer_bytes / (hw.pcie.peak_bw_gbps * GB * 0.82)
+    kv = model.kv_bytes_per_token_layer * np.arange(17, 21)
+    compute = (model.layer_bytes + kv) / (g.memory_bw_gbps * GB * g.dense_bw_efficiency) + 8 * g.kernel_overhead_us * 1e-6
+    lm = model.lm_head_bytes / (g.memory_bw_gbps * GB * g.dense_bw_efficiency) + g.kernel_overhead_us * 1e-6
+    want = model.n_layers * np.maximum(stream, compute) + lm
+    assert np.allclose(r.token_s, want)
+    assert sum(r.breakdown_s.values()) == pytest.approx(r.prefill_s + r.decode_s)
+
+
+def test_airllm_by_hand(small):
+    model, hw = small
+    r = run_baseline("airllm", model, hw, 1, 16, 4)
+    load = model.layer_bytes / (7.45 * GB * 0.7)
+    assert r.token_s[0] > model.n_layers * load
+    assert r.token_s[0] < model.n_layers * load * 1.2     # loading dominates
+
+
+def test_accelerate_keeps_what_fits(small):
+    model, hw = small
+    r = run_baseline("accelerate", model, hw, 1, 16, 4)
+    info = r.config["info"]
+    assert info["gpu_layers"] + info["offloaded_layers"] == model.n_layers
+    assert 0 < info["gpu_layers"] < model.n_layers
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_more_pcie_bandwidth_never_slows(name, small):
+    model, hw = small
+    slow = run_baseline(name, model, load_hardware("rtx4090", 8, pcie_gen=3, overrides={"gpu": {"memory_bytes": 8e9}}), 2, 16, 4)
+    fast = run_baseline(name, model, load_hardware("rtx4090", 8, pcie_gen=5, overrides={"gpu": {"memory_bytes": 8e9}}), 2, 16, 4)
+    assert fast.tokens_per_s >= slow.tokens_per_s * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_larger_model_never_faster(name):
+    hw = load_hardware("a100-40gb" if name == "gpu-only" else "rtx4090", 16)
+    small = run_baseline(name, load_model("opt-13b"), hw, 1, 16, 4)
+    large = run_baseline(name, load_model("opt-30b"), hw, 1, 16, 4)
+    assert large.tokens_per_s < small.tokens_per_s
+
+
+def test_more_dimm_bandwidth_never_slows_ndp_baselines():
+    model = load_model("opt-30b")
+    for name in ("hermes-base", "papi"):
+        a = run_baseline(name, model, load_hardware("rtx4090", 8), 1, 16, 4)
+        b = run_baseline(name, model, load_hardware("rtx4090", 8, overrides={"dimm": {"data_rate_mtps": 6400}}), 1, 16, 4)
+        assert b.tokens_per_s >= a.tokens_per_s
+
+
+def test_gpu_only_counts_gpus():
+    r = run_baseline("gpu-only", load_model("llama2-70b"), load_hardware("a100-40gb"), 1, 128, 128)
+    assert r.config["info"]["gpus"] == 4
+    with pytest.raises(CapacityError, match="raise gpu_count"):
+        run_baseline("gpu-only", load_model("llama2-70b"), load_hardware("a100-40gb"), 1, 128, 128,
+                     BaselineParams(gpu_count=2))
+
+
+def test_bad_inputs():
+    with pytest.raises(UnknownNameError, match="baseline system"):
+        run_baseline("flexgenn", load_model("tiny"), load_hardware(), 1, 8, 8)
+    with pytest.raises(UnknownNameError, match="Did you mean 'accelerate'"):
+        simulate(RunConfig(system="accelerat", model="tiny"))
+    with pytest.raises(CapacityError, match="host memory"):
+        run_baseline("accelerate", load_model("llama2-70b"), load_hardware(n_dimms=2), 1, 128, 128)
+
+
+def test_host_platform_is_the_cpu():
+    hw = host_platform(load_hardware())
+    assert hw.n_dimms == 1
+    assert hw.dimm.internal_peak_bw_gbps == pytest.approx(89.6)
+    assert hw.dimm.ndp_macs_per_s == pytest.approx(500e9)
+    r = simulate(RunConfig(system="hermes-host", model="tiny", prompt_len=8, gen_len=8,
+                           hardware={"gpu": {"memory_bytes": 4.6e5, "reserved_bytes": 0}}))
+    assert r.tokens_per_s > 0 and r.config["partition"]["name"] == "powerinfer.topk"
+
+
+def test_hermes_beats_offloading_on_a_large_model():
+    hw = load_hardware()
+    model = load_model("opt-66b")
+    acc = run_baseline("accelerate", model, hw, 1, 128, 128)
+    zero = run_baseline("zero-inference", model, hw, 1, 128, 128)
+    assert zero.tokens_per_s > acc.tokens_per_s       # overlap beats no overlap
