@@ -277,10 +277,69 @@ def dejavu(model, hw, p, batch, prompt_len, gen_len, steps_kv):
         _stream_prefill(d, prompt_len, p.pinned_copy_efficiency), {"gpu_layers": n_gpu}
 
 
+def flexgen_policy(model: ModelSpec, hw: HardwareSpec, p: BaselineParams, batch: int, max_tokens: int,
+                   kv_len: float) -> dict[str, float]:
+    """FlexGen's linear-programming policy search (FlexGen section 4.3, simplified to weights and
+    KV cache): the fractions of weights on GPU / CPU / disk (wg, wc, wd) and of the KV cache on
+    GPU / CPU (cg, cc) minimising the time of one layer for the block of ``batch`` sequences,
+    T >= max(PCIe reads of CPU+disk weights and CPU KV, disk reads, compute), under the GPU and
+    host capacities. Solved with HiGHS (scipy.optimize.linprog); the block size is the batch.
+    """
+    from scipy.optimize import linprog
+
+    d = _Dense(model, hw, p, batch)
+    scale = d.weight_scale()
+    W = d.layer_bytes * scale                         # bytes of one layer as stored (compressed)
+    kv_layer = model.kv_bytes_per_token_layer * batch * kv_len
+    kv_total = model.kv_bytes_per_token * batch * max_tokens
+    pcie = d.pcie_peak * p.pinned_copy_efficiency
+    disk = p.disk_bw_gbps * GB * p.disk_efficiency
+    compute = float(d.gpu_layer_s(np.array([kv_len]))[0])
+    gpu_free = hw.gpu.usable_bytes - model.lm_head_bytes - model.embedding_bytes
+    host = hw.dimm_total_bytes
+    # x = [wg, wc, wd, cg, cc, T]; minimise T (a tiny cost on disk and CPU placement breaks ties
+    # towards the faster tier when T does not care)
+    c = np.array([0, 1e-9 * compute, 2e-9 * compute, 0, 1e-9 * compute, 1.0])
+    A_ub = [
+        [0, W / pcie, W / pcie, 0, 2 * kv_layer / pcie, -1],    # PCIe: CPU and disk weights, KV in and out
+        [0, 0, W / disk, 0, 0, -1],                            # disk reads
+        [W * model.n_layers, 0, 0, kv_total, 0, 0],            # GPU capacity
+        [0, W * model.n_layers, 0, 0, kv_total, 0],            # host capacity
+    ]
+    b_ub = [0, 0, gpu_free, host]
+    A_eq = [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]]
+    res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=[1, 1],
+                  bounds=[(0, 1)] * 5 + [(compute, None)], method="highs")
+    if res.status != 0:
+        raise CapacityError(f"flexgen: no placement of {model.name} fits GPU, host memory and disk ({res.message})")
+    wg, wc, wd, cg, cc, T = res.x
+    return {"wg": wg, "wc": wc, "wd": wd, "cg": cg, "cc": cc, "layer_s": T}
+
+
+def flexgen(model, hw, p, batch, prompt_len, gen_len, steps_kv):
+    """FlexGen: per layer, weights not on the GPU are loaded once for the whole block of
+    sequences (zig-zag schedule) and overlapped with compute and KV traffic; the placement of
+    weights and KV cache comes from its LP policy search (:func:`flexgen_policy`), re-solved at
+    the mean KV length; ``weight_bits`` = 4 gives its group-wise 4-bit compression."""
+    d = _Dense(model, hw, p, batch)
+    pol = flexgen_policy(model, hw, p, batch, prompt_len + gen_len, float(np.mean(steps_kv)))
+    W = d.layer_bytes * d.weight_scale()
+    pcie = d.pcie_peak * p.pinned_copy_efficiency
+    disk = p.disk_bw_gbps * GB * p.disk_efficiency
+    kv_layer = model.kv_bytes_per_token_layer * batch * steps_kv
+    compute = d.gpu_layer_s(steps_kv)
+    io = np.maximum((pol["wc"] + pol["wd"]) * W / pcie + 2 * pol["cc"] * kv_layer / pcie, pol["wd"] * W / disk)
+    layer = np.maximum(compute, io)
+    per_step = model.n_layers * layer + d.lm_head_s()
+    return per_step, {"gpu_compute": model.n_layers * compute, "pcie": model.n_layers * (layer - compute),
+                      "lm_head": d.lm_head_s() * np.ones_like(layer)},         _stream_prefill(d, prompt_len, p.pinned_copy_efficiency, d.weight_scale()),         {k: round(float(v), 4) for k, v in pol.items()}
+
+
 #: analytic baseline systems: name -> (description, pricing function)
 BASELINES: dict[str, tuple[str, Callable]] = {
     "accelerate": ("Hugging Face Accelerate device_map=auto: offloaded layers copied when used, no overlap", accelerate),
     "zero-inference": ("DeepSpeed ZeRO-Inference: every layer streamed, next layer prefetched", zero_inference),
+    "flexgen": ("FlexGen: zig-zag block schedule, LP-searched placement of weights and KV cache", flexgen),
     "airllm": ("AirLLM layered inference: one layer at a time from disk (or host)", airllm),
     "gpu-only": ("all weights on k GPUs with tensor parallelism (high-end reference)", gpu_only),
     "hermes-base": ("NDP-DIMMs without sparsity: FC on the GPU where resident, else on the DIMMs", hermes_base),
@@ -297,7 +356,7 @@ def run_baseline(name: str, model: ModelSpec, hw: HardwareSpec, batch: int, prom
     p = params or BaselineParams()
     host = hw.dimm_total_bytes     # the same DIMMs, used as plain host memory by these systems
     kv = _kv(model, batch, prompt_len + gen_len)
-    if name not in ("gpu-only", "airllm") and model.total_bytes + kv > host + hw.gpu.usable_bytes:
+    if name not in ("gpu-only", "airllm", "flexgen") and model.total_bytes + kv > host + hw.gpu.usable_bytes:
         raise CapacityError(f"{name}: {model.name} needs {(model.total_bytes + kv) / 1e9:.1f} GB, host memory "
                             f"({host / 1e9:.0f} GB) + GPU hold {(host + hw.gpu.usable_bytes) / 1e9:.0f} GB")
     steps_kv = np.arange(prompt_len, prompt_len + gen_len, dtype=np.float64) + 1

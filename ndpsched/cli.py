@@ -186,6 +186,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- fidelity ---------------------------------------------------------------------------------
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    from .fidelity import run_fidelity
+
+    rows = [row for trace in args.trace.split(",") for row in run_fidelity(trace, args.seed)]
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=2))
+        return 0
+    print("ndpsched fidelity: model vs published measurements (no parameter was fitted to them)")
+    print(f"{'system':<8} {'model':<11} {'trace':<12} {'published':>9} {'model':>8} {'error':>8}  source")
+    for r in rows:
+        print(f"{r['system']:<8} {r['model']:<11} {r['trace']:<12} {r['published_tokens_per_s']:>9.2f} "
+              f"{r['model_tokens_per_s']:>8.2f} {r['error_pct']:>+7.1f}%  {r['source']}")
+    return 0
+
+
 # ---- list -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from .presets import gpu_names, model_names
@@ -259,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="folder for the CSV and the PNG")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("fidelity", help="predictions against the published measurements the model can cite")
+    p.add_argument("--trace", default="skew,relullama7b")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fidelity)
 
     p = sub.add_parser("list", help="list presets, policies and systems")
     p.add_argument("what", nargs="?", default="all", choices=["all", "models", "gpus", "policies", "systems"])

@@ -15,7 +15,7 @@ from .tracegen import synthetic_trace
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEMS = ("hermes", "hermes-offline", "powerinfer", "dejavu", "hermes-base", "papi",
-                   "zero-inference", "accelerate", "airllm", "gpu-only")
+                   "flexgen", "zero-inference", "accelerate", "airllm", "gpu-only")
 
 
 def run_compare(model: str, batches: list[int], systems: list[str], baseline: str = "accelerate", gpu: str = "rtx4090",

@@ -106,3 +106,19 @@ def test_hermes_beats_offloading_on_a_large_model():
     acc = run_baseline("accelerate", model, hw, 1, 128, 128)
     zero = run_baseline("zero-inference", model, hw, 1, 128, 128)
     assert zero.tokens_per_s > acc.tokens_per_s       # overlap beats no overlap
+
+
+def test_flexgen_policy_is_feasible_and_uses_the_gpu_first():
+    from ndpsched.baselines import flexgen_policy
+
+    hw = load_hardware()
+    fits = flexgen_policy(load_model("opt-30b"), hw, BaselineParams(weight_bits=4), 1, 256, 200)
+    assert fits["wg"] == pytest.approx(1.0)            # 4-bit OPT-30B fits the 24 GB GPU
+    big = flexgen_policy(load_model("opt-66b"), hw, BaselineParams(), 1, 256, 200)
+    assert big["wg"] + big["wc"] + big["wd"] == pytest.approx(1.0)
+    W = load_model("opt-66b").layer_bytes * 64
+    assert big["wg"] * W <= hw.gpu.usable_bytes        # GPU capacity respected
+    assert big["wd"] == pytest.approx(0.0, abs=1e-6)   # host memory has room: no disk
+    r4 = run_baseline("flexgen", load_model("opt-66b"), hw, 1, 128, 128, BaselineParams(weight_bits=4))
+    r16 = run_baseline("flexgen", load_model("opt-66b"), hw, 1, 128, 128)
+    assert r4.tokens_per_s > r16.tokens_per_s          # compression moves fewer bytes

@@ -108,3 +108,20 @@ def test_compare_writes_csv_and_plot(tmp_path):
     csv_text = (tmp_path / "compare_tiny.csv").read_text()
     assert "speedup_vs_accelerate" in csv_text.splitlines()[0]
     assert (tmp_path / "compare_tiny.png").stat().st_size > 1000
+
+
+def test_fidelity_points_are_valid_configs():
+    from ndpsched.config import RunConfig
+    from ndpsched.fidelity import CALIBRATION_POINTS
+
+    for p in CALIBRATION_POINTS:
+        RunConfig(**{k: p[k] for k in ("system", "model", "gpu", "dimms", "batch", "prompt_len", "gen_len")})
+        assert p["published_tokens_per_s"] > 0 and p["source"]
+
+
+@pytest.mark.slow
+def test_fidelity_command():
+    out = json.loads(run("fidelity", "--trace", "skew", "--json").stdout)
+    assert len(out["rows"]) == 2
+    for r in out["rows"]:
+        assert abs(r["error_pct"]) < 30
