@@ -56,8 +56,7 @@ def run_ablation(model: str, batches: list[int], traces: list[str], prompt_len: 
                 if prev is not None and label.startswith("+"):
                     row["mlp_speedup_vs_prev"] = prev["mlp_ms_per_token"] / mlp_ms
                     row["tokens_per_s_speedup_vs_prev"] = r.tokens_per_s / prev["tokens_per_s"]
-                if "predictor" in r.config and isinstance(getattr(r, "predictor_stats", None), dict):
-                    row.update(r.predictor_stats)
+                row.update({f"predictor_{k}": v for k, v in r.predictor.items()})
                 rows.append(row)
                 if label.startswith("+") or prev is None:
                     prev = row

@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from .errors import NdpschedError
 
@@ -39,7 +38,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from .config import PolicySpec, RunConfig
+    from .config import RunConfig
 
     cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     flat = {k: getattr(args, k) for k in ("system", "model", "gpu", "dimms", "batch", "prompt_len",

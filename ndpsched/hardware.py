@@ -6,7 +6,7 @@ All specs are frozen dataclasses with units in field names. Values come from the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError
 
@@ -237,5 +237,5 @@ def spec_fields(cls: type) -> list[str]:
 
 __all__ = [
     "GB", "GIB", "GpuSpec", "DimmSpec", "DimmLinkSpec", "PcieSpec", "HostCpuSpec", "HardwareSpec",
-    "spec_fields", "field",
+    "spec_fields",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, unknown_name
-from .hardware import DimmLinkSpec, DimmSpec, GpuSpec, HardwareSpec, HostCpuSpec, PcieSpec, spec_fields
+from .hardware import DimmLinkSpec, DimmSpec, GpuSpec, HardwareSpec, HostCpuSpec, PcieSpec
 from .models import ModelSpec
 
 DEFAULT_GPU = "rtx4090"

@@ -20,7 +20,7 @@ from .costmodel import COMPONENTS, CostModel, CostParams
 from .errors import CapacityError, ConfigError, TraceError
 from .hardware import HardwareSpec
 from .models import ModelSpec
-from .policy import (BalanceMoves, BalancerPolicy, PartitionMoves, PartitionPolicy,
+from .policy import (BalancerPolicy, PartitionPolicy,
                      Placement, PredictorPolicy, SchedContext, WindowActivity, check_dimm_capacity,
                      check_gpu_capacity)
 from .trace import ActivationTrace, NeuronLayout

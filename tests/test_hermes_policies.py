@@ -10,7 +10,7 @@ from ndpsched.config import RunConfig
 from ndpsched.policies import ilp
 from ndpsched.policy import Placement, WindowActivity
 from ndpsched.registry import registry
-from ndpsched.run import build_simulator, simulate
+from ndpsched.run import simulate
 
 from .conftest import TINY_HW
 from .test_registry import make_ctx

@@ -1,7 +1,6 @@
 """The decode loop: incremental counts equal a from-scratch recount; moves; capacity; seeds."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -188,3 +187,10 @@ def test_stage_times_add_up_to_decode(tiny_trace):
     r = simulate(RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30), trace=tiny_trace)
     assert set(r.stage_s) == {"qkv", "attention", "projection", "ffn", "other"}
     assert sum(r.stage_s.values()) == pytest.approx(r.decode_s)
+
+
+@pytest.mark.parametrize("system", ["hermes", "powerinfer", "hermes-oracle"])
+def test_full_systems_are_deterministic(system, tiny_trace):
+    cfg = RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30, system=system, batch=2, seed=3)
+    a, b = simulate(cfg, trace=tiny_trace), simulate(cfg, trace=tiny_trace)
+    assert np.array_equal(a.token_s, b.token_s) and a.moves == b.moves and a.predictor == b.predictor

@@ -1,7 +1,6 @@
 """Activation traces: format round trip, determinism, statistics, and bad files."""
 from __future__ import annotations
 
-import zipfile
 
 import numpy as np
 import pytest
