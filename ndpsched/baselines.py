@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .costmodel import COMPONENTS, CostModel
+from .costmodel import ACTIVATION_BYTES, COMPONENTS, CostModel
 from .errors import CapacityError, ConfigError, unknown_name
 from .hardware import GB, HardwareSpec
 from .models import ModelSpec
@@ -35,8 +35,6 @@ class BaselineParams:
     #: ZeRO-Inference streams from pinned host memory, prefetching the next layer; FlexGen's
     #: profiler measured 12.89 GB/s host-to-GPU on its PCIe 3.0 T4 machine = 0.82 of 15.75 GB/s
     pinned_copy_efficiency: float = 0.82
-    #: bits per weight when a system quantizes weights for transfer (ZeRO-Inference / FlexGen 4-bit)
-    weight_bits: int = 16
     #: NVMe read bandwidth for AirLLM layers loaded from disk: Samsung 990 PRO spec 7.45 GB/s
     #: sequential read; sustained safetensors loads reach about 70 % (chosen)
     disk_bw_gbps: float = 7.45
@@ -63,8 +61,6 @@ class BaselineParams:
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
                 raise ConfigError(f"baseline parameter {f.name} must be >= 0, got {v}")
-        if self.weight_bits not in (4, 8, 16):
-            raise ConfigError(f"weight_bits must be 4, 8 or 16, got {self.weight_bits}")
         if self.airllm_source not in ("disk", "host"):
             raise unknown_name("airllm_source", self.airllm_source, ["disk", "host"])
 
@@ -80,7 +76,7 @@ class _Dense:
         self.kernel_s = g.kernel_overhead_us * 1e-6
         self.pcie_peak = hw.pcie.peak_bw_gbps * GB
         self.layer_bytes = float(model.layer_bytes)
-        self.layer_params = model.layer_bytes / model.weight_bytes
+        self.layer_params = model.n_params_per_layer
         self.fc_bytes = float(model.sparse_bytes_per_layer)
 
     def gpu_layer_s(self, kv_len: np.ndarray, weight_bytes: float | None = None) -> np.ndarray:
@@ -93,9 +89,6 @@ class _Dense:
 
     def transfer_s(self, nbytes: float, efficiency: float) -> float:
         return nbytes / (self.pcie_peak * efficiency)
-
-    def weight_scale(self) -> float:
-        return self.p.weight_bits / (8 * self.m.weight_bytes)
 
     def lm_head_s(self) -> float:
         return self.m.lm_head_bytes / self.gpu_bw + self.kernel_s
@@ -141,10 +134,10 @@ def _kv(model: ModelSpec, batch: int, tokens: int) -> float:
     return float(model.kv_bytes_per_token * batch * tokens)
 
 
-def _stream_prefill(d: _Dense, prompt_len: int, efficiency: float, weight_scale: float = 1.0) -> float:
+def _stream_prefill(d: _Dense, prompt_len: int, efficiency: float) -> float:
     """Prefill with every layer's weights crossing PCIe once, overlapped with its compute."""
     compute = 2.0 * d.layer_params * prompt_len * d.B / d.gpu_flops
-    stream = d.transfer_s(d.layer_bytes * weight_scale, efficiency)
+    stream = d.transfer_s(d.layer_bytes, efficiency)
     return d.m.n_layers * max(compute, stream)
 
 
@@ -165,16 +158,17 @@ def accelerate(model, hw, p, batch, prompt_len, gen_len, steps_kv):
 
 def zero_inference(model, hw, p, batch, prompt_len, gen_len, steps_kv):
     """DeepSpeed ZeRO-Inference: every layer streamed from pinned host memory each step, the next
-    layer prefetched while the current one computes; optional 4-bit weights (``weight_bits``)."""
+    layer prefetched while the current one computes; quantized weights (``--weight-dtype int4``, its
+    4-bit option) move fewer bytes."""
     d = _Dense(model, hw, p, batch)
-    stream = d.transfer_s(d.layer_bytes * d.weight_scale(), p.pinned_copy_efficiency)
+    stream = d.transfer_s(d.layer_bytes, p.pinned_copy_efficiency)
     compute = d.gpu_layer_s(steps_kv, d.layer_bytes)     # dequantised weights read on the GPU
     layer = np.maximum(stream, compute)
     per_step = model.n_layers * layer + d.lm_head_s()
     parts = {"gpu_compute": model.n_layers * compute, "pcie": model.n_layers * (layer - compute),
              "lm_head": d.lm_head_s() * np.ones_like(layer)}
-    return per_step, parts, _stream_prefill(d, prompt_len, p.pinned_copy_efficiency, d.weight_scale()), \
-        {"weight_bits": p.weight_bits}
+    return per_step, parts, _stream_prefill(d, prompt_len, p.pinned_copy_efficiency), \
+        {"weight_bytes": model.weight_bytes}
 
 
 def airllm(model, hw, p, batch, prompt_len, gen_len, steps_kv):
@@ -202,7 +196,7 @@ def gpu_only(model, hw, p, batch, prompt_len, gen_len, steps_kv):
         raise CapacityError(f"gpu-only: {model.name} needs {need / 1e9:.1f} GB, {k} x {hw.gpu.name} hold "
                             f"{k * hw.gpu.usable_bytes / 1e9:.1f} GB; raise gpu_count")
     per_layer = d.gpu_layer_s(steps_kv / k, d.layer_bytes / k) if k > 1 else d.gpu_layer_s(steps_kv)
-    act_bytes = model.d_model * model.weight_bytes * batch
+    act_bytes = model.d_model * ACTIVATION_BYTES * batch
     allreduce = 0.0 if k == 1 else 2 * (2 * (k - 1) / k * act_bytes / (p.nvlink_gbps * GB) + p.allreduce_us * 1e-6)
     per_step = model.n_layers * (per_layer + allreduce) + d.lm_head_s()
     prefill = model.n_layers * 2.0 * d.layer_params * prompt_len * batch / (d.gpu_flops * k)
@@ -288,8 +282,7 @@ def flexgen_policy(model: ModelSpec, hw: HardwareSpec, p: BaselineParams, batch:
     from scipy.optimize import linprog
 
     d = _Dense(model, hw, p, batch)
-    scale = d.weight_scale()
-    W = d.layer_bytes * scale                         # bytes of one layer as stored (compressed)
+    W = d.layer_bytes                                 # bytes of one layer as stored (compressed if quantized)
     kv_layer = model.kv_bytes_per_token_layer * batch * kv_len
     kv_total = model.kv_bytes_per_token * batch * max_tokens
     pcie = d.pcie_peak * p.pinned_copy_efficiency
@@ -320,10 +313,10 @@ def flexgen(model, hw, p, batch, prompt_len, gen_len, steps_kv):
     """FlexGen: per layer, weights not on the GPU are loaded once for the whole block of
     sequences (zig-zag schedule) and overlapped with compute and KV traffic; the placement of
     weights and KV cache comes from its LP policy search (:func:`flexgen_policy`), re-solved at
-    the mean KV length; ``weight_bits`` = 4 gives its group-wise 4-bit compression."""
+    the mean KV length; ``--weight-dtype int4`` gives its group-wise 4-bit compression."""
     d = _Dense(model, hw, p, batch)
     pol = flexgen_policy(model, hw, p, batch, prompt_len + gen_len, float(np.mean(steps_kv)))
-    W = d.layer_bytes * d.weight_scale()
+    W = d.layer_bytes
     pcie = d.pcie_peak * p.pinned_copy_efficiency
     disk = p.disk_bw_gbps * GB * p.disk_efficiency
     kv_layer = model.kv_bytes_per_token_layer * batch * steps_kv
@@ -332,7 +325,7 @@ def flexgen(model, hw, p, batch, prompt_len, gen_len, steps_kv):
     layer = np.maximum(compute, io)
     per_step = model.n_layers * layer + d.lm_head_s()
     return per_step, {"gpu_compute": model.n_layers * compute, "pcie": model.n_layers * (layer - compute),
-                      "lm_head": d.lm_head_s() * np.ones_like(layer)},         _stream_prefill(d, prompt_len, p.pinned_copy_efficiency, d.weight_scale()),         {k: round(float(v), 4) for k, v in pol.items()}
+                      "lm_head": d.lm_head_s() * np.ones_like(layer)},         _stream_prefill(d, prompt_len, p.pinned_copy_efficiency),         {k: round(float(v), 4) for k, v in pol.items()}
 
 
 #: analytic baseline systems: name -> (description, pricing function)

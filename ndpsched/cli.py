@@ -29,6 +29,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="root seed (default 0)")
     p.add_argument("--trace", help="trace generator (skew, relullama7b) or a trace .npz file")
     p.add_argument("--window", type=int, dest="window_tokens", help="tokens per scheduling window (default 5)")
+    p.add_argument("--weight-dtype", help="weight precision: fp16 (default), bf16, int8, int4, fp32")
+    p.add_argument("--kv-dtype", help="KV-cache precision: fp16 (default), bf16, int8, int4, fp32")
     p.add_argument("--partition", help="partition policy name; see `ndpsched list policies`")
     p.add_argument("--predictor", help="predictor policy name")
     p.add_argument("--balancer", help="balancer policy name")
@@ -42,7 +44,8 @@ def _config_from_args(args: argparse.Namespace):
 
     cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     flat = {k: getattr(args, k) for k in ("system", "model", "gpu", "dimms", "batch", "prompt_len",
-                                            "gen_len", "seed", "window_tokens") if getattr(args, k) is not None}
+                                            "gen_len", "seed", "window_tokens", "weight_dtype", "kv_dtype")
+            if getattr(args, k) is not None}
     data = {**cfg.to_dict(), **flat}
     if args.trace is not None:
         data["trace"]["source"] = args.trace

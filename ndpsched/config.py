@@ -51,6 +51,10 @@ class RunConfig:
     gen_len: int = 128
     seed: int = 0
     window_tokens: int = 5
+    #: precision of the weights and of the KV cache: fp16 (the papers), bf16, int8, int4, fp32;
+    #: every system is priced by the bytes it then moves and stores
+    weight_dtype: str = "fp16"
+    kv_dtype: str = "fp16"
     trace: TraceSpec = field(default_factory=TraceSpec)
     #: per-role policy overrides; a role left None takes the system's choice
     partition: PolicySpec | None = None
@@ -60,7 +64,7 @@ class RunConfig:
     cost: dict[str, Any] = field(default_factory=dict)
     #: hardware part overrides, e.g. {"gpu": {"kernel_overhead_us": 3.0}, "dimm": {...}}
     hardware: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: BaselineParams overrides for the baseline systems, e.g. {"weight_bits": 4}
+    #: BaselineParams overrides for the baseline systems, e.g. {"disk_bw_gbps": 3.5}
     baseline: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,12 +81,24 @@ class RunConfig:
             elif isinstance(value, dict):
                 _check_keys(value, PolicySpec, role)
                 setattr(self, role, PolicySpec(value.get("name", ""), dict(value.get("params") or {})))
+        from .models import DTYPE_BYTES
+
+        for name in ("weight_dtype", "kv_dtype"):
+            if getattr(self, name) not in DTYPE_BYTES:
+                raise unknown_name(name, str(getattr(self, name)), DTYPE_BYTES)
         for name in ("batch", "prompt_len", "gen_len", "window_tokens", "dimms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def load_model(self):
+        """The model preset at this config's precision."""
+        from .models import DTYPE_BYTES
+        from .presets import load_model
+
+        return load_model(self.model, weight_bytes=DTYPE_BYTES[self.weight_dtype], kv_bytes=DTYPE_BYTES[self.kv_dtype])
 
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -32,6 +32,9 @@ from .errors import ConfigError, unknown_name
 from .hardware import GB, HardwareSpec
 from .models import ModelSpec
 
+#: bytes of an activation element (partial sums, layer outputs): fp16 whatever the weights' precision
+ACTIVATION_BYTES = 2
+
 #: breakdown components, in report order; they add up to the total time
 COMPONENTS = ("gpu_compute", "dimm_compute", "attention", "sync", "merge", "pcie", "dimm_link",
               "exposed_migration", "lm_head")
@@ -132,7 +135,7 @@ class CostModel:
 
     def merge_s(self, batch: int) -> np.ndarray:
         """(2,) seconds to reduce one stage's partial outputs across DIMMs (QKV, FFN)."""
-        out_bytes = self.out_dim * self.model.weight_bytes * batch
+        out_bytes = self.out_dim * ACTIVATION_BYTES * batch
         if self.n_dimms == 1:
             return np.zeros(2)
         if self.params.merge == "host":
@@ -161,7 +164,7 @@ class CostModel:
     def lm_head_s(self, batch: int) -> float:
         m = self.model
         if self.params.lm_head_on_gpu:
-            t = max(m.lm_head_bytes / self.gpu_dense_bw, 2.0 * m.lm_head_bytes / m.weight_bytes * batch / self.gpu_flops)
+            t = max(m.lm_head_bytes / self.gpu_dense_bw, 2.0 * m.vocab_size * m.d_model * batch / self.gpu_flops)
             return t + self.kernel_s + self.sync_s
         # on the DIMMs, vocabulary rows split evenly
         return m.lm_head_bytes / (self.dimm_bw * self.n_dimms) + self.ndp_issue_s
@@ -262,7 +265,7 @@ class CostModel:
         m = self.model
         tokens = prompt_len * batch
         stream = m.sparse_bytes_per_layer / self.pcie_bw
-        dense_flops = 2.0 * tokens * (m.layer_bytes / m.weight_bytes)
+        dense_flops = 2.0 * tokens * m.n_params_per_layer
         # causal attention: QK^T and PV over on average prompt_len / 2 keys
         attn_flops = 2.0 * 2 * batch * m.n_heads * m.head_dim * prompt_len * prompt_len / 2
         compute = (dense_flops + attn_flops) / self.gpu_flops + 6 * self.kernel_s

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
+#: bytes per element of the precisions ndpsched prices (int4, int8, fp16/bf16, fp32)
+BYTES_PER_ELEMENT = {0.5: "int4", 1: "int8", 2: "fp16", 4: "fp32"}
+#: precision names accepted by ``--weight-dtype`` / ``--kv-dtype``
+DTYPE_BYTES = {"int4": 0.5, "int8": 1, "fp16": 2, "bf16": 2, "fp32": 4}
+
 #: neuron kinds, in the order they appear inside a layer of the global neuron index
 KIND_QKV = 0
 KIND_FFN = 1
@@ -32,20 +37,24 @@ class ModelSpec:
     n_heads: int
     n_kv_heads: int
     vocab_size: int
-    weight_bytes: int = 2
+    #: bytes per weight: 2 (fp16/bf16), 1 (int8), 0.5 (int4)
+    weight_bytes: float = 2
     mlp_sparsity: float = 0.9
     qkv_sparsity: float = 0.9
     tied_embeddings: bool = False
     #: bytes per stored KV-cache element (FP16 unless quantized)
-    kv_bytes: int = 2
+    kv_bytes: float = 2
     source: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "d_model", "d_ffn", "n_heads", "n_kv_heads", "vocab_size",
-                     "weight_bytes", "kv_bytes"):
+        for name in ("n_layers", "d_model", "d_ffn", "n_heads", "n_kv_heads", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model {self.name!r}: {name} must be a positive integer, got {value!r}")
+        for name in ("weight_bytes", "kv_bytes"):
+            if getattr(self, name) not in BYTES_PER_ELEMENT:
+                raise ConfigError(f"model {self.name!r}: {name} must be one of {sorted(BYTES_PER_ELEMENT)} "
+                                  f"(int4, int8, fp16, fp32), got {getattr(self, name)!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model {self.name!r}: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -129,8 +138,8 @@ class ModelSpec:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.kv_bytes
 
     @property
-    def kv_bytes_per_token_layer(self) -> int:
-        return self.kv_bytes_per_token // self.n_layers
+    def kv_bytes_per_token_layer(self) -> float:
+        return self.kv_bytes_per_token / self.n_layers
 
     @property
     def active_fraction(self) -> tuple[float, float]:
@@ -138,5 +147,12 @@ class ModelSpec:
         return (1.0 - self.qkv_sparsity, 1.0 - self.mlp_sparsity)
 
     @property
+    def n_params_per_layer(self) -> int:
+        """Weights of one decoder layer (QKV, W_o, FFN), independent of their precision."""
+        return (self.d_model * self.qkv_out_dim + self.d_model * self.d_model
+                + self.d_ffn * (3 if self.gated else 2) * self.d_model)
+
+    @property
     def n_params(self) -> int:
-        return self.total_bytes // self.weight_bytes
+        """Weights of the model (independent of their precision)."""
+        return self.n_layers * self.n_params_per_layer + self.vocab_size * self.d_model * (1 if self.tied_embeddings else 2)

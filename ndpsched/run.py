@@ -9,7 +9,7 @@ from .config import ROLES, PolicySpec, RunConfig
 from .costmodel import CostParams
 from .errors import unknown_name
 from .models import ModelSpec
-from .presets import build_spec, load_hardware, load_model
+from .presets import build_spec, load_hardware
 from .registry import registry
 from .simulator import SimResult, Simulator
 from .systems import HOST_SYSTEMS, canonical, system_policies
@@ -50,7 +50,7 @@ def load_trace(cfg: RunConfig, model: ModelSpec) -> ActivationTrace:
 
 def build_simulator(cfg: RunConfig, trace: ActivationTrace | None = None) -> Simulator:
     """Validate ``cfg`` and assemble the simulator (presets, policies, trace)."""
-    model = load_model(cfg.model)
+    model = cfg.load_model()
     hw = load_hardware(cfg.gpu, cfg.dimms, overrides=cfg.hardware)
     if canonical(cfg.system) in HOST_SYSTEMS:
         from .baselines import host_platform
@@ -77,7 +77,7 @@ def simulate(cfg: RunConfig, trace: ActivationTrace | None = None, progress: boo
     from .baselines import BASELINES, BaselineParams, run_baseline
 
     if cfg.system in BASELINES:
-        model = load_model(cfg.model)
+        model = cfg.load_model()
         hw = load_hardware(cfg.gpu, cfg.dimms, overrides=cfg.hardware)
         params = build_spec(BaselineParams, cfg.baseline, "baseline parameters")
         result = run_baseline(cfg.system, model, hw, cfg.batch, cfg.prompt_len, cfg.gen_len, params)

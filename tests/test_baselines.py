@@ -112,13 +112,28 @@ def test_flexgen_policy_is_feasible_and_uses_the_gpu_first():
     from ndpsched.baselines import flexgen_policy
 
     hw = load_hardware()
-    fits = flexgen_policy(load_model("opt-30b"), hw, BaselineParams(weight_bits=4), 1, 256, 200)
+    fits = flexgen_policy(load_model("opt-30b", weight_bytes=0.5), hw, BaselineParams(), 1, 256, 200)
     assert fits["wg"] == pytest.approx(1.0)            # 4-bit OPT-30B fits the 24 GB GPU
     big = flexgen_policy(load_model("opt-66b"), hw, BaselineParams(), 1, 256, 200)
     assert big["wg"] + big["wc"] + big["wd"] == pytest.approx(1.0)
     W = load_model("opt-66b").layer_bytes * 64
     assert big["wg"] * W <= hw.gpu.usable_bytes        # GPU capacity respected
     assert big["wd"] == pytest.approx(0.0, abs=1e-6)   # host memory has room: no disk
-    r4 = run_baseline("flexgen", load_model("opt-66b"), hw, 1, 128, 128, BaselineParams(weight_bits=4))
+    r4 = run_baseline("flexgen", load_model("opt-66b", weight_bytes=0.5), hw, 1, 128, 128)
     r16 = run_baseline("flexgen", load_model("opt-66b"), hw, 1, 128, 128)
     assert r4.tokens_per_s > r16.tokens_per_s          # compression moves fewer bytes
+
+
+def test_precision_is_priced_by_bytes_in_every_system():
+    from ndpsched.config import RunConfig
+
+    for system in ("zero-inference", "accelerate", "hermes-base", "dejavu"):
+        fp16 = simulate(RunConfig(model="opt-30b", system=system))
+        int4 = simulate(RunConfig(model="opt-30b", system=system, weight_dtype="int4"))
+        assert int4.tokens_per_s > fp16.tokens_per_s, system
+    m = load_model("llama2-70b", weight_bytes=0.5, kv_bytes=1)
+    assert m.total_bytes == pytest.approx(load_model("llama2-70b").total_bytes / 4)
+    assert m.kv_bytes_per_token == load_model("llama2-70b").kv_bytes_per_token / 2
+    assert m.n_params == load_model("llama2-70b").n_params
+    with pytest.raises(UnknownNameError, match="int4"):
+        RunConfig(weight_dtype="int3")
