@@ -35,10 +35,12 @@ class BaselineParams:
     #: ZeRO-Inference streams from pinned host memory, prefetching the next layer; FlexGen's
     #: profiler measured 12.89 GB/s host-to-GPU on its PCIe 3.0 T4 machine = 0.82 of 15.75 GB/s
     pinned_copy_efficiency: float = 0.82
-    #: NVMe read bandwidth for AirLLM layers loaded from disk: Samsung 990 PRO spec 7.45 GB/s
-    #: sequential read; sustained safetensors loads reach about 70 % (chosen)
-    disk_bw_gbps: float = 7.45
+    #: fraction of the disk preset's sequential read bandwidth that sustained safetensors layer
+    #: loads reach (chosen)
     disk_efficiency: float = 0.7
+    #: ZeRO-Inference option: keep the KV cache in host memory; each step reads and writes it
+    #: back over PCIe
+    zero_kv_offload: bool = False
     #: AirLLM loads each layer from disk ('disk') or from host memory ('host')
     airllm_source: str = "disk"
     #: per layer and step cost of a framework that launches a layer's kernels one by one, in us
@@ -162,13 +164,16 @@ def zero_inference(model, hw, p, batch, prompt_len, gen_len, steps_kv):
     4-bit option) move fewer bytes."""
     d = _Dense(model, hw, p, batch)
     stream = d.transfer_s(d.layer_bytes, p.pinned_copy_efficiency)
-    compute = d.gpu_layer_s(steps_kv, d.layer_bytes)     # dequantised weights read on the GPU
+    if p.zero_kv_offload:   # the layer's KV cache comes in and the new entry goes back each step
+        kv = model.kv_bytes_per_token_layer * batch * steps_kv
+        stream = stream + kv / (d.pcie_peak * p.pinned_copy_efficiency)
+    compute = d.gpu_layer_s(steps_kv, d.layer_bytes)
     layer = np.maximum(stream, compute)
     per_step = model.n_layers * layer + d.lm_head_s()
     parts = {"gpu_compute": model.n_layers * compute, "pcie": model.n_layers * (layer - compute),
              "lm_head": d.lm_head_s() * np.ones_like(layer)}
     return per_step, parts, _stream_prefill(d, prompt_len, p.pinned_copy_efficiency), \
-        {"weight_bytes": model.weight_bytes}
+        {"weight_bytes": model.weight_bytes, "kv_offload": p.zero_kv_offload}
 
 
 def airllm(model, hw, p, batch, prompt_len, gen_len, steps_kv):
@@ -176,7 +181,7 @@ def airllm(model, hw, p, batch, prompt_len, gen_len, steps_kv):
     nothing overlaps and nothing stays on the GPU between steps."""
     d = _Dense(model, hw, p, batch)
     if p.airllm_source == "disk":
-        load = d.layer_bytes / (p.disk_bw_gbps * GB * p.disk_efficiency)
+        load = d.layer_bytes / (hw.disk.read_bw_gbps * GB * p.disk_efficiency) + hw.disk.latency_us * 1e-6
     else:
         load = d.transfer_s(d.layer_bytes, p.accelerate_copy_efficiency)
     compute = d.gpu_layer_s(steps_kv)
@@ -286,7 +291,7 @@ def flexgen_policy(model: ModelSpec, hw: HardwareSpec, p: BaselineParams, batch:
     kv_layer = model.kv_bytes_per_token_layer * batch * kv_len
     kv_total = model.kv_bytes_per_token * batch * max_tokens
     pcie = d.pcie_peak * p.pinned_copy_efficiency
-    disk = p.disk_bw_gbps * GB * p.disk_efficiency
+    disk = hw.disk.read_bw_gbps * GB * p.disk_efficiency
     compute = float(d.gpu_layer_s(np.array([kv_len]))[0])
     gpu_free = hw.gpu.usable_bytes - model.lm_head_bytes - model.embedding_bytes
     host = hw.dimm_total_bytes
@@ -318,7 +323,7 @@ def flexgen(model, hw, p, batch, prompt_len, gen_len, steps_kv):
     pol = flexgen_policy(model, hw, p, batch, prompt_len + gen_len, float(np.mean(steps_kv)))
     W = d.layer_bytes
     pcie = d.pcie_peak * p.pinned_copy_efficiency
-    disk = p.disk_bw_gbps * GB * p.disk_efficiency
+    disk = hw.disk.read_bw_gbps * GB * p.disk_efficiency
     kv_layer = model.kv_bytes_per_token_layer * batch * steps_kv
     compute = d.gpu_layer_s(steps_kv)
     io = np.maximum((pol["wc"] + pol["wd"]) * W / pcie + 2 * pol["cc"] * kv_layer / pcie, pol["wd"] * W / disk)

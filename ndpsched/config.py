@@ -64,7 +64,7 @@ class RunConfig:
     cost: dict[str, Any] = field(default_factory=dict)
     #: hardware part overrides, e.g. {"gpu": {"kernel_overhead_us": 3.0}, "dimm": {...}}
     hardware: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: BaselineParams overrides for the baseline systems, e.g. {"disk_bw_gbps": 3.5}
+    #: BaselineParams overrides for the baseline systems, e.g. {"zero_kv_offload": true}
     baseline: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -191,6 +191,21 @@ class PcieSpec:
 
 
 @dataclass(frozen=True)
+class DiskSpec:
+    """An NVMe disk: the slowest memory tier (weights of offloading systems that do not fit DRAM)."""
+
+    name: str
+    read_bw_gbps: float
+    latency_us: float
+    capacity_bytes: float
+    price_usd: float = 0.0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "read_bw_gbps", "capacity_bytes")
+
+
+@dataclass(frozen=True)
 class HostCpuSpec:
     """Host CPU (runs the scheduler; computes cold neurons in the PowerInfer-style baseline)."""
 
@@ -215,6 +230,7 @@ class HardwareSpec:
     dimm_link: DimmLinkSpec
     pcie: PcieSpec
     host: HostCpuSpec
+    disk: DiskSpec | None = None
 
     MAX_DIMMS = 16
 
@@ -236,6 +252,6 @@ def spec_fields(cls: type) -> list[str]:
 
 
 __all__ = [
-    "GB", "GIB", "GpuSpec", "DimmSpec", "DimmLinkSpec", "PcieSpec", "HostCpuSpec", "HardwareSpec",
+    "GB", "GIB", "GpuSpec", "DimmSpec", "DimmLinkSpec", "PcieSpec", "HostCpuSpec", "DiskSpec", "HardwareSpec",
     "spec_fields",
 ]

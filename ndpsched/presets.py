@@ -14,12 +14,13 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, unknown_name
-from .hardware import DimmLinkSpec, DimmSpec, GpuSpec, HardwareSpec, HostCpuSpec, PcieSpec
+from .hardware import DimmLinkSpec, DimmSpec, DiskSpec, GpuSpec, HardwareSpec, HostCpuSpec, PcieSpec
 from .models import ModelSpec
 
 DEFAULT_GPU = "rtx4090"
 DEFAULT_DIMM = "ddr4-3200-ndp"
 DEFAULT_HOST = "i9-13900k"
+DEFAULT_DISK = "nvme-gen4"
 DEFAULT_N_DIMMS = 8  # Hermes Table II: 8 NDP-DIMMs
 
 
@@ -99,6 +100,7 @@ def load_hardware(
     dimm: str = DEFAULT_DIMM,
     pcie_gen: int | None = None,
     host: str = DEFAULT_HOST,
+    disk: str = DEFAULT_DISK,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> HardwareSpec:
     """Assemble a :class:`HardwareSpec` from presets.
@@ -109,11 +111,12 @@ def load_hardware(
         dimm: DIMM preset name.
         pcie_gen: PCIe generation; default the GPU's own.
         host: host CPU preset name.
+        disk: NVMe disk preset name (the slowest memory tier).
         overrides: per-part field overrides, e.g. ``{"gpu": {"kernel_overhead_us": 3.0},
             "dimm": {"bw_efficiency": 0.8}, "dimm_link": {...}, "pcie": {...}, "host": {...}}``.
     """
     overrides = dict(overrides or {})
-    parts = ("gpu", "dimm", "dimm_link", "pcie", "host")
+    parts = ("gpu", "dimm", "dimm_link", "pcie", "host", "disk")
     for key in overrides:
         if key not in parts:
             raise unknown_name("hardware part", key, parts)
@@ -127,4 +130,9 @@ def load_hardware(
     if host not in hosts:
         raise unknown_name("host CPU", host, hosts)
     host_spec = build_spec(HostCpuSpec, {"name": host, **hosts[host], **overrides.get("host", {})}, f"host '{host}'")
-    return HardwareSpec(gpu=gpu_spec, dimm=dimm_spec, n_dimms=n_dimms, dimm_link=link, pcie=pcie, host=host_spec)
+    disks = platform["disk"]
+    if disk not in disks:
+        raise unknown_name("disk", disk, disks)
+    disk_spec = build_spec(DiskSpec, {"name": disk, **disks[disk], **overrides.get("disk", {})}, f"disk '{disk}'")
+    return HardwareSpec(gpu=gpu_spec, dimm=dimm_spec, n_dimms=n_dimms, dimm_link=link, pcie=pcie, host=host_spec,
+                        disk=disk_spec)

@@ -36,7 +36,8 @@ def test_zero_inference_by_hand(small):
 def test_airllm_by_hand(small):
     model, hw = small
     r = run_baseline("airllm", model, hw, 1, 16, 4)
-    load = model.layer_bytes / (7.45 * GB * 0.7)
+    load = model.layer_bytes / (hw.disk.read_bw_gbps * GB * 0.7)
+    assert hw.disk.read_bw_gbps == pytest.approx(7.45)
     assert r.token_s[0] > model.n_layers * load
     assert r.token_s[0] < model.n_layers * load * 1.2     # loading dominates
 
@@ -137,3 +138,36 @@ def test_precision_is_priced_by_bytes_in_every_system():
     assert m.n_params == load_model("llama2-70b").n_params
     with pytest.raises(UnknownNameError, match="int4"):
         RunConfig(weight_dtype="int3")
+
+
+def test_accelerate_by_hand(small):
+    model, hw = small
+    r = run_baseline("accelerate", model, hw, 1, 16, 4)
+    g = hw.gpu
+    n_off = r.config["info"]["offloaded_layers"]
+    bw = g.memory_bw_gbps * GB * g.dense_bw_efficiency
+    kv = model.kv_bytes_per_token_layer * np.arange(17, 21)
+    layer = (model.layer_bytes + kv) / bw + 8 * g.kernel_overhead_us * 1e-6
+    copy = n_off * (model.layer_bytes / (hw.pcie.peak_bw_gbps * GB * 0.5) + 0.2e-3)
+    lm = model.lm_head_bytes / bw + g.kernel_overhead_us * 1e-6
+    assert np.allclose(r.token_s, model.n_layers * layer + copy + lm)
+
+
+def test_gpu_only_single_gpu_is_a_roofline(small):
+    model, _ = small
+    hw = load_hardware("h100")
+    r = run_baseline("gpu-only", model, hw, 1, 16, 4)
+    assert r.config["info"]["gpus"] == 1
+    bw = hw.gpu.memory_bw_gbps * GB * hw.gpu.dense_bw_efficiency
+    floor = model.n_layers * model.layer_bytes / bw
+    launches = (model.n_layers * 8 + 1) * hw.gpu.kernel_overhead_us * 1e-6
+    kv_and_head = (model.kv_bytes_per_token * 17 + model.lm_head_bytes) / bw
+    assert r.token_s[0] == pytest.approx(floor + launches + kv_and_head)   # memory-bound decode
+
+
+def test_zero_inference_kv_offload_costs_pcie():
+    model = load_model("opt-30b")
+    hw = load_hardware()
+    on_gpu = run_baseline("zero-inference", model, hw, 16, 128, 128)
+    offload = run_baseline("zero-inference", model, hw, 16, 128, 128, BaselineParams(zero_kv_offload=True))
+    assert offload.tokens_per_s < on_gpu.tokens_per_s
