@@ -171,3 +171,38 @@ def test_zero_inference_kv_offload_costs_pcie():
     on_gpu = run_baseline("zero-inference", model, hw, 16, 128, 128)
     offload = run_baseline("zero-inference", model, hw, 16, 128, 128, BaselineParams(zero_kv_offload=True))
     assert offload.tokens_per_s < on_gpu.tokens_per_s
+
+
+def test_papi_equals_hermes_base_below_its_threshold():
+    model, hw = load_model("opt-30b"), load_hardware()
+    for batch in (1, 4):
+        assert np.allclose(run_baseline("papi", model, hw, batch, 16, 4).token_s,
+                           run_baseline("hermes-base", model, hw, batch, 16, 4).token_s)
+    assert run_baseline("papi", model, hw, 8, 16, 4).config["info"]["fc_on"] == "gpu"
+
+
+def test_hermes_base_by_hand_with_nothing_resident():
+    from ndpsched.costmodel import CostModel
+
+    model = load_model("opt-13b")
+    hw = load_hardware("rtx4090", 8, overrides={"gpu": {"memory_bytes": 2.5e9, "reserved_bytes": 1e9}})
+    r = run_baseline("hermes-base", model, hw, 1, 16, 4)
+    assert r.config["info"]["gpu_layers"] == 0
+    cm = CostModel(model, hw)
+    fc = model.sparse_bytes_per_layer
+    ndp = max(fc / (cm.dimm_bw * 8), fc / model.weight_bytes / (cm.ndp_macs * 8)) + cm.ndp_issue_s
+    per_layer = ndp + cm.projection_s(1) + cm.attention_s(np.arange(17, 21), 1) + 4 * cm.sync_s
+    g = hw.gpu
+    lm = model.lm_head_bytes / (g.memory_bw_gbps * GB * g.dense_bw_efficiency) + g.kernel_overhead_us * 1e-6
+    assert np.allclose(r.token_s, model.n_layers * per_layer + lm)
+
+
+def test_dejavu_moves_only_the_expected_active_neurons():
+    model = load_model("opt-66b")
+    hw = load_hardware("rtx4090", 8, overrides={"gpu": {"memory_bytes": 3e9, "reserved_bytes": 1e9}})
+    r1 = run_baseline("dejavu", model, hw, 1, 16, 4)
+    assert r1.config["info"]["gpu_layers"] == 0
+    q, f = model.active_fraction
+    active = model.d_model * model.qkv_neuron_bytes * q + model.d_ffn * model.ffn_neuron_bytes * f
+    copy = active / (hw.pcie.peak_bw_gbps * GB * 0.82)
+    assert r1.breakdown_s["pcie"] - r1.prefill_s == pytest.approx(4 * model.n_layers * copy)
