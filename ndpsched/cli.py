@@ -204,6 +204,68 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- trace ------------------------------------------------------------------------------------
+def cmd_trace_generate(args: argparse.Namespace) -> int:
+    from .presets import load_model
+    from .tracegen import synthetic_trace
+
+    model = load_model(args.model)
+    trace = synthetic_trace(model, args.tokens, args.seqs, source=args.source, top20_share=args.top20_share,
+                            token_overlap=args.token_overlap, layer_coupling=args.layer_coupling,
+                            profile_drift=args.profile_drift, seed=args.seed)
+    trace.save(args.out)
+    print(f"wrote {args.out}: {model.name}, {args.seqs} x {args.tokens} tokens, "
+          f"{trace.n_events / (args.seqs * args.tokens):.0f} toggles per token")
+    return 0
+
+
+def cmd_trace_stats(args: argparse.Namespace) -> int:
+    from .errors import TraceError
+    from .presets import load_model, model_names
+    from .trace import ActivationTrace, NeuronLayout
+    from .tracestats import plot_stats, trace_stats
+
+    trace = ActivationTrace.load(args.file)
+    model = None
+    name = args.model or trace.meta.get("model")
+    if name in model_names():
+        model = load_model(name)
+        if NeuronLayout.of(model) != trace.layout:
+            if args.model:
+                trace.check_model(model)     # a clear error for an explicit, mismatched model
+            model = None
+    elif args.model:
+        load_model(args.model)               # unknown name: did-you-mean error
+    if model is None and args.model is None and name:
+        raise TraceError(f"trace names model '{name}', which is not a preset; pass --model")
+    stats = trace_stats(trace, model)
+    if args.png:
+        plot_stats(stats, args.png)
+    if args.json:
+        print(json.dumps(stats, indent=2, default=float))
+        return 0
+    print(f"trace {args.file}: {trace.n_seqs} sequences x {trace.n_tokens} tokens, {trace.layout.n_layers} layers "
+          f"x (qkv {trace.layout.d_qkv}, ffn {trace.layout.d_ffn})")
+    print(f"{'layer':>5} {'ffn sparsity':>12} {'qkv sparsity':>12} {'top-20% share':>14} {'neurons for 80%':>16}")
+    for r in stats["per_layer"]:
+        print(f"{r['layer']:>5} {r['ffn_sparsity']:>12.3f} {r['qkv_sparsity']:>12.3f} {r['ffn_top20_share']:>14.3f} "
+              f"{r['ffn_neurons_for_80pct']:>16.3f}")
+    ov = stats["overlap"]
+    picks = [d for d in (1, 2, 5, 10, 25, 50) if d <= len(ov)]
+    print("overlap vs distance: " + ", ".join(f"d={d}: {ov[d - 1]:.3f}" for d in picks))
+    if stats["layer_correlation"]:
+        lc = stats["layer_correlation"]
+        print(f"layer correlation: P(fire | top parent fires) = {lc['p_fire_given_parent']:.3f} vs P(fire) = "
+              f"{lc['p_fire']:.3f}; {100 * lc['share_above_0.9']:.1f} % of neurons above 0.9")
+    if "predictor" in stats:
+        pr = stats["predictor"]
+        print(f"hermes.fsm ({pr['mode']}): recall {pr['recall']:.3f}, precision {pr['precision']:.3f}, "
+              f"accuracy {pr['accuracy']:.3f}")
+    if args.png:
+        print(f"wrote {args.png}")
+    return 0
+
+
 # ---- list -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from .presets import gpu_names, model_names
@@ -283,6 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("trace", help="activation traces: generate, stats")
+    tsub = p.add_subparsers(dest="trace_command", required=True)
+    g = tsub.add_parser("generate", help="write a synthetic trace to a .npz file")
+    g.add_argument("--model", required=True)
+    g.add_argument("--tokens", type=int, default=256)
+    g.add_argument("--seqs", type=int, default=1)
+    g.add_argument("--source", default="skew", help="skew or relullama7b")
+    g.add_argument("--top20-share", type=float, default=0.8)
+    g.add_argument("--token-overlap", type=float, default=0.9)
+    g.add_argument("--layer-coupling", type=float, default=0.3)
+    g.add_argument("--profile-drift", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=cmd_trace_generate)
+    st = tsub.add_parser("stats", help="sparsity, skew, token overlap, layer correlation, predictor recall")
+    st.add_argument("file")
+    st.add_argument("--model", help="model preset of the trace (default: the one its metadata names)")
+    st.add_argument("--png", help="also draw the statistics to this PNG")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_trace_stats)
 
     p = sub.add_parser("list", help="list presets, policies and systems")
     p.add_argument("what", nargs="?", default="all", choices=["all", "models", "gpus", "policies", "systems"])
