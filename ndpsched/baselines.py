@@ -277,12 +277,16 @@ def dejavu(model, hw, p, batch, prompt_len, gen_len, steps_kv):
 
 
 def flexgen_policy(model: ModelSpec, hw: HardwareSpec, p: BaselineParams, batch: int, max_tokens: int,
-                   kv_len: float) -> dict[str, float]:
-    """FlexGen's linear-programming policy search (FlexGen section 4.3, simplified to weights and
-    KV cache): the fractions of weights on GPU / CPU / disk (wg, wc, wd) and of the KV cache on
-    GPU / CPU (cg, cc) minimising the time of one layer for the block of ``batch`` sequences,
-    T >= max(PCIe reads of CPU+disk weights and CPU KV, disk reads, compute), under the GPU and
-    host capacities. Solved with HiGHS (scipy.optimize.linprog); the block size is the batch.
+                   kv_len: float, gpu_batches: int = 1) -> dict[str, float]:
+    """FlexGen's linear-programming policy search (FlexGen section 4.3) for one block size.
+
+    The block of ``batch`` sequences is computed as ``gpu_batches`` GPU batches that share each
+    loaded layer (zig-zag order). Variables: the fractions of weights on GPU / CPU / disk
+    (wg, wc, wd), of the KV cache on GPU / CPU (cg, cc) and of the activations on GPU / CPU
+    (hg, hc); the LP minimises the time T of one layer for the block,
+    T >= compute of all GPU batches, T >= PCIe traffic (CPU and disk weights once per block, CPU
+    KV read and written back, CPU activations in and out), T >= disk reads, under the GPU and
+    host capacities (the GPU also holds one GPU batch's working set). HiGHS via linprog.
     """
     from scipy.optimize import linprog
 
@@ -290,43 +294,68 @@ def flexgen_policy(model: ModelSpec, hw: HardwareSpec, p: BaselineParams, batch:
     W = d.layer_bytes                                 # bytes of one layer as stored (compressed if quantized)
     kv_layer = model.kv_bytes_per_token_layer * batch * kv_len
     kv_total = model.kv_bytes_per_token * batch * max_tokens
+    act_layer = ACTIVATION_BYTES * batch * (model.d_model + model.d_ffn)        # hidden + MLP activations
+    act_total = act_layer * model.n_layers
+    working = ACTIVATION_BYTES * (batch / gpu_batches) * (model.qkv_out_dim + model.d_ffn * 2) + W
     pcie = d.pcie_peak * p.pinned_copy_efficiency
     disk = hw.disk.read_bw_gbps * GB * p.disk_efficiency
-    compute = float(d.gpu_layer_s(np.array([kv_len]))[0])
-    gpu_free = hw.gpu.usable_bytes - model.lm_head_bytes - model.embedding_bytes
+    sub = _Dense(model, hw, p, max(batch // gpu_batches, 1))
+    compute = gpu_batches * float(sub.gpu_layer_s(np.array([kv_len]))[0])
+    gpu_free = hw.gpu.usable_bytes - model.lm_head_bytes - model.embedding_bytes - working
     host = hw.dimm_total_bytes
-    # x = [wg, wc, wd, cg, cc, T]; minimise T (a tiny cost on disk and CPU placement breaks ties
-    # towards the faster tier when T does not care)
-    c = np.array([0, 1e-9 * compute, 2e-9 * compute, 0, 1e-9 * compute, 1.0])
+    if gpu_free <= 0:
+        raise CapacityError(f"flexgen: one GPU batch of {batch // gpu_batches} does not fit {hw.gpu.name}")
+    # x = [wg, wc, wd, cg, cc, hg, hc, T]; minimise T (tiny costs on slower tiers break ties)
+    eps = 1e-5 * W / pcie           # ~1e-5 of a layer's copy time: above HiGHS' tolerances
+    c = np.array([0, eps, 2 * eps, 0, eps, 0, eps, 1.0])
     A_ub = [
-        [0, W / pcie, W / pcie, 0, 2 * kv_layer / pcie, -1],    # PCIe: CPU and disk weights, KV in and out
-        [0, 0, W / disk, 0, 0, -1],                            # disk reads
-        [W * model.n_layers, 0, 0, kv_total, 0, 0],            # GPU capacity
-        [0, W * model.n_layers, 0, 0, kv_total, 0],            # host capacity
+        [0, W / pcie, W / pcie, 0, 2 * kv_layer / pcie, 0, 2 * act_layer / pcie, -1],   # PCIe
+        [0, 0, W / disk, 0, 0, 0, 0, -1],                                               # disk reads
+        [W * model.n_layers, 0, 0, kv_total, 0, act_total, 0, 0],                        # GPU capacity
+        [0, W * model.n_layers, 0, 0, kv_total, 0, act_total, 0],                        # host capacity
     ]
-    b_ub = [0, 0, gpu_free, host]
-    A_eq = [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]]
-    res = linprog(c, A_ub=A_ub, b_ub=b_ub, A_eq=A_eq, b_eq=[1, 1],
-                  bounds=[(0, 1)] * 5 + [(compute, None)], method="highs")
+    A_eq = [[1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1, 1, 0]]
+    res = linprog(c, A_ub=A_ub, b_ub=[0, 0, gpu_free, host], A_eq=A_eq, b_eq=[1, 1, 1],
+                  bounds=[(0, 1)] * 7 + [(compute, None)], method="highs")
     if res.status != 0:
         raise CapacityError(f"flexgen: no placement of {model.name} fits GPU, host memory and disk ({res.message})")
-    wg, wc, wd, cg, cc, T = res.x
-    return {"wg": wg, "wc": wc, "wd": wd, "cg": cg, "cc": cc, "layer_s": T}
+    wg, wc, wd, cg, cc, hg, hc, T = res.x
+    return {"wg": wg, "wc": wc, "wd": wd, "cg": cg, "cc": cc, "hg": hg, "hc": hc, "layer_s": T,
+            "gpu_batches": gpu_batches}
+
+
+def flexgen_search(model, hw, p, batch, max_tokens, kv_len) -> dict[str, float]:
+    """FlexGen's outer search: the number of GPU batches per block (a divisor of the batch) is
+    chosen outside the LP, as in FlexGen, by the fastest feasible LP solution."""
+    best = None
+    for n in [k for k in range(1, batch + 1) if batch % k == 0]:
+        try:
+            pol = flexgen_policy(model, hw, p, batch, max_tokens, kv_len, n)
+        except CapacityError:
+            continue
+        if best is None or pol["layer_s"] < best["layer_s"] * (1 - 1e-9):
+            best = pol
+    if best is None:
+        raise CapacityError(f"flexgen: no block size of batch {batch} fits {model.name} on this machine")
+    return best
 
 
 def flexgen(model, hw, p, batch, prompt_len, gen_len, steps_kv):
     """FlexGen: per layer, weights not on the GPU are loaded once for the whole block of
     sequences (zig-zag schedule) and overlapped with compute and KV traffic; the placement of
-    weights and KV cache comes from its LP policy search (:func:`flexgen_policy`), re-solved at
-    the mean KV length; ``--weight-dtype int4`` gives its group-wise 4-bit compression."""
+    weights, KV cache and activations comes from its LP policy search (:func:`flexgen_policy`)
+    at the mean KV length, the block's number of GPU batches from the outer search; ``--weight-dtype int4`` gives its group-wise 4-bit compression."""
     d = _Dense(model, hw, p, batch)
-    pol = flexgen_policy(model, hw, p, batch, prompt_len + gen_len, float(np.mean(steps_kv)))
+    pol = flexgen_search(model, hw, p, batch, prompt_len + gen_len, float(np.mean(steps_kv)))
     W = d.layer_bytes
     pcie = d.pcie_peak * p.pinned_copy_efficiency
     disk = hw.disk.read_bw_gbps * GB * p.disk_efficiency
     kv_layer = model.kv_bytes_per_token_layer * batch * steps_kv
-    compute = d.gpu_layer_s(steps_kv)
-    io = np.maximum((pol["wc"] + pol["wd"]) * W / pcie + 2 * pol["cc"] * kv_layer / pcie, pol["wd"] * W / disk)
+    act_layer = ACTIVATION_BYTES * batch * (model.d_model + model.d_ffn)
+    n = int(pol["gpu_batches"])
+    compute = n * _Dense(model, hw, p, max(batch // n, 1)).gpu_layer_s(steps_kv)
+    io = np.maximum((pol["wc"] + pol["wd"]) * W / pcie + 2 * pol["cc"] * kv_layer / pcie
+                    + 2 * pol["hc"] * act_layer / pcie, pol["wd"] * W / disk)
     layer = np.maximum(compute, io)
     per_step = model.n_layers * layer + d.lm_head_s()
     return per_step, {"gpu_compute": model.n_layers * compute, "pcie": model.n_layers * (layer - compute),

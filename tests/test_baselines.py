@@ -120,6 +120,11 @@ def test_flexgen_policy_is_feasible_and_uses_the_gpu_first():
     W = load_model("opt-66b").layer_bytes * 64
     assert big["wg"] * W <= hw.gpu.usable_bytes        # GPU capacity respected
     assert big["wd"] == pytest.approx(0.0, abs=1e-6)   # host memory has room: no disk
+    assert big["hg"] + big["hc"] == pytest.approx(1.0)
+    from ndpsched.baselines import flexgen_search
+    best = flexgen_search(load_model("opt-66b"), hw, BaselineParams(), 16, 256, 200)
+    assert 16 % best["gpu_batches"] == 0
+    assert best["layer_s"] <= flexgen_policy(load_model("opt-66b"), hw, BaselineParams(), 16, 256, 200, 1)["layer_s"]
     r4 = run_baseline("flexgen", load_model("opt-66b", weight_bytes=0.5), hw, 1, 128, 128)
     r16 = run_baseline("flexgen", load_model("opt-66b"), hw, 1, 128, 128)
     assert r4.tokens_per_s > r16.tokens_per_s          # compression moves fewer bytes
