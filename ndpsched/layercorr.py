@@ -40,9 +40,10 @@ def plan_coupling(freqs: np.ndarray, layout: NeuronLayout, coupling: float, rng:
         for kind in (0, 1):
             cur, prev = layout.kind_slice(layer, kind), layout.kind_slice(layer - 1, kind)
             width = cur.stop - cur.start
-            rank_cur = np.argsort(np.argsort(-freqs[cur], kind="stable"), kind="stable")
+            order_cur = np.argsort(-freqs[cur], kind="stable")
             by_rank_prev = np.argsort(-freqs[prev], kind="stable")
-            parents[cur, 0] = prev.start + by_rank_prev[rank_cur]
+            # the neuron of rank r in this layer follows the neuron of rank r in the previous one
+            parents[cur.start + order_cur, 0] = prev.start + by_rank_prev
             parents[cur, 1] = prev.start + rng.permutation(width)
     follower = (parents[:, 0] >= 0) & (rng.random(n) < coupling)
     root = np.arange(n)
@@ -89,7 +90,9 @@ def add_followers(trace: ActivationTrace, plan: Coupling) -> ActivationTrace:
             key |= ids.astype(key_dtype)
             key = np.concatenate([key, copies])
             key.sort()
-            parts[name][0].append(np.bincount(key >> one_shift, minlength=T))
+            # tokens are the keys' high bits: each token's slice boundary by binary search
+            inner = np.searchsorted(key, np.arange(1, T, dtype=key_dtype) << one_shift)
+            parts[name][0].append(np.diff(np.concatenate([[0], inner, [len(key)]])))
             parts[name][1].append((key & key_dtype((1 << shift) - 1)).astype(np.int32))
     csr = {name: (np.concatenate([[0], np.cumsum(np.concatenate(c))]).astype(np.int64), np.concatenate(i))
            for name, (c, i) in parts.items()}
