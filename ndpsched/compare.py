@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .errors import CapacityError, NdpschedError
+from .errors import CapacityError
 from .presets import load_model
 from .run import simulate
 from .tracegen import synthetic_trace
@@ -86,4 +86,4 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str) -> bool:
     return True
 
 
-__all__ = ["run_compare", "write_csv", "plot", "DEFAULT_SYSTEMS", "NdpschedError"]
+__all__ = ["run_compare", "write_csv", "plot", "DEFAULT_SYSTEMS"]
