@@ -17,8 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .costmodel import ACTIVATION_BYTES, COMPONENTS, CostModel
-from .errors import CapacityError, ConfigError, unknown_name
-from .hardware import GB, HardwareSpec
+from .errors import CapacityError, unknown_name
+from .hardware import GB, HardwareSpec, check_non_negative_fields
 from .models import ModelSpec
 from .simulator import SimResult
 
@@ -59,10 +59,7 @@ class BaselineParams:
     papi_intensity_threshold: int = 8
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ConfigError(f"baseline parameter {f.name} must be >= 0, got {v}")
+        check_non_negative_fields(self, "baseline parameter")
         if self.airllm_source not in ("disk", "host"):
             raise unknown_name("airllm_source", self.airllm_source, ["disk", "host"])
 

@@ -23,13 +23,12 @@ group ``2*layer + kind`` with kind 0 = QKV, 1 = FFN.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError, unknown_name
-from .hardware import GB, HardwareSpec
+from .errors import unknown_name
+from .hardware import GB, HardwareSpec, check_non_negative_fields
 from .models import ModelSpec
 
 #: bytes of an activation element (partial sums, layer outputs): fp16 whatever the weights' precision
@@ -75,10 +74,7 @@ class CostParams:
             raise unknown_name("attention_split", self.attention_split, ["heads", "even"])
         if self.merge not in ("tree", "host"):
             raise unknown_name("merge", self.merge, ["tree", "host"])
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ConfigError(f"cost parameter {f.name} must be >= 0, got {v}")
+        check_non_negative_fields(self, "cost parameter")
 
 
 @dataclass

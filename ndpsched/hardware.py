@@ -14,6 +14,14 @@ GB = 1e9  # bandwidths and capacities in this package use decimal giga (GB/s, GB
 GIB = 2**30
 
 
+def check_non_negative_fields(obj: object, what: str) -> None:
+    """Raise ConfigError naming the first numeric dataclass field of ``obj`` that is negative."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            raise ConfigError(f"{what} {f.name} must be >= 0, got {v}")
+
+
 def _check_positive(obj: object, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -253,5 +261,5 @@ def spec_fields(cls: type) -> list[str]:
 
 __all__ = [
     "GB", "GIB", "GpuSpec", "DimmSpec", "DimmLinkSpec", "PcieSpec", "HostCpuSpec", "DiskSpec", "HardwareSpec",
-    "spec_fields",
+    "spec_fields", "check_non_negative_fields",
 ]
