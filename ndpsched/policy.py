@@ -115,35 +115,46 @@ class WindowActivity:
     """
 
     def __init__(self, t0: int, t1: int, device_load: np.ndarray, active: np.ndarray | None,
-                 toggles: list[list[tuple[np.ndarray, np.ndarray]]]) -> None:
+                 toggles: list[list[tuple[np.ndarray, np.ndarray]]], scratch: np.ndarray | None = None) -> None:
         self.t0, self.t1 = t0, t1
         self.device_load = device_load
         self.active = active
         self.toggles = toggles
+        # ((N,) int32 zeros, (N,) bool False) work arrays, restored after use; allocated if None
+        self._scratch = scratch
 
     def neuron_counts(self, idx: np.ndarray) -> np.ndarray:
         """Active-token counts in the window (summed over the batch) of neurons ``idx``.
 
         Walks back from the state at the window's last token: with c(t) the batch count of a
         neuron at token t, ``sum_t c(t) = W c(t1-1) - sum_{tau in (t0, t1)} (tau - t0)(on - off)``.
-        Cost O(len(idx) x tokens x log toggles), independent of the model's size.
+        The correction is scattered into a zeroed (N,) array and gathered at ``idx``: cost
+        O(toggles + len(idx)), independent of the model's size.
         """
         if self.active is None:
             raise ConfigError("neuron_counts() needs a policy with uses_neuron_activity = True")
         idx = np.asarray(idx, dtype=np.intp)
         counts = (self.t1 - self.t0) * self.active[idx].astype(np.int64)
+        if len(self.toggles) < 2:
+            return counts
+        if self._scratch is None:
+            self._scratch = (np.zeros(len(self.active), dtype=np.int32), np.zeros(len(self.active), dtype=bool))
+        acc, member = self._scratch
+        member[idx] = True
+        touched = []
+        # only toggles of neurons in idx are scattered (a cheap gather from the bool mask finds
+        # them); ids are unique within one sequence's toggles of one token, so scatters are exact
         for k, per_seq in enumerate(self.toggles[1:], start=1):  # k = tau - t0
             for on, off in per_seq:
-                counts -= k * (_member(on, idx).astype(np.int64) - _member(off, idx))
+                on, off = on[np.take(member, on)], off[np.take(member, off)]
+                acc[on] -= k
+                acc[off] += k
+                touched += (on, off)
+        counts += acc[idx]
+        for ids in touched:
+            acc[ids] = 0
+        member[idx] = False
         return counts
-
-
-def _member(sorted_ids: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Bool mask: which of ``idx`` are in the sorted array ``sorted_ids``."""
-    if len(sorted_ids) == 0:
-        return np.zeros(len(idx), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_ids, idx), len(sorted_ids) - 1)
-    return sorted_ids[pos] == idx
 
 
 class Policy:
@@ -241,6 +252,10 @@ class PredictorPolicy(Policy):
     Per token the simulator passes the true on/off toggles (the host learns each layer's true
     activity as it is computed) and receives the toggles of the *computed* set.
     """
+
+    #: True when the computed set is always the true set (the oracle): the simulator may then
+    #: read a whole window's toggles from the trace at once
+    passthrough: ClassVar[bool] = False
 
     def begin(self, ctx: SchedContext, active: np.ndarray, token: int) -> None:
         """Called once per sequence before the first decode step, with that sequence's (N,)

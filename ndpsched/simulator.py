@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from .costmodel import COMPONENTS, CostModel, CostParams
+from .costmodel import COMPONENTS, CostModel, CostParams, StepsCost
 from .errors import CapacityError, ConfigError, TraceError
 from .hardware import HardwareSpec
 from .models import ModelSpec
-from .policy import (BalancerPolicy, PartitionPolicy,
+from .policy import (BalanceMoves, BalancerPolicy, PartitionMoves, PartitionPolicy,
                      Placement, PredictorPolicy, SchedContext, WindowActivity, check_dimm_capacity,
                      check_gpu_capacity)
 from .trace import ActivationTrace, NeuronLayout
@@ -116,12 +116,13 @@ class Simulator:
                  partition: PartitionPolicy, predictor: PredictorPolicy, balancer: BalancerPolicy,
                  batch: int = 1, prompt_len: int = 128, gen_len: int = 128, window_tokens: int = 5,
                  cost_params: CostParams | None = None, seed: int = 0,
-                 offline_freqs: np.ndarray | None = None) -> None:
+                 offline_freqs: np.ndarray | None = None, seqs: list[int] | tuple[int, ...] | None = None) -> None:
         for name, value in (("batch", batch), ("prompt_len", prompt_len), ("gen_len", gen_len),
                             ("window_tokens", window_tokens)):
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         trace.check_model(model)
+        self.seqs = self._check_seqs(seqs, batch, trace)
         if trace.n_seqs < batch:
             raise TraceError(f"trace has {trace.n_seqs} sequences, batch {batch} needs {batch}; "
                              "use a generator (--trace skew) or a trace with more sequences")
@@ -135,18 +136,65 @@ class Simulator:
         self.seed = seed
         self.layout = NeuronLayout.of(model)
         self._offline_freqs = offline_freqs
+        # per trace sequence: (active-token counts over the prompt, active set at its last token)
+        self._prompt_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._delta_cache: dict[tuple[int, str], np.ndarray] = {}
+
+    @staticmethod
+    def _check_seqs(seqs, batch: int, trace: ActivationTrace) -> tuple[int, ...]:
+        if seqs is None:
+            return tuple(range(batch))
+        seqs = tuple(int(s) for s in seqs)
+        if len(seqs) != batch or len(set(seqs)) != batch:
+            raise ConfigError(f"seqs must name {batch} distinct trace sequences (the batch), got {list(seqs)}")
+        if min(seqs) < 0 or max(seqs) >= trace.n_seqs:
+            raise TraceError(f"trace has sequences 0..{trace.n_seqs - 1}; seqs {list(seqs)} is outside")
+        return seqs
+
+    def prompt_state(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
+        """(active-token counts over the prompt, (N,) bool active set at the last prompt token) of
+        trace sequence ``seq``; cached, so that repeated episodes on a sequence pool start fast."""
+        if seq not in self._prompt_cache:
+            P = self.prompt_len
+            counts = self.trace.active_token_counts(seq, 0, P).astype(np.int32)
+            self._prompt_cache[seq] = (counts, self.trace.active(seq, P - 1))
+        return self._prompt_cache[seq]
+
+    def base_deltas(self, seq: int, key_of: np.ndarray) -> np.ndarray:
+        """(gen_len, K) int32: change of the per-(group, device) active counts at every decode
+        token of sequence ``seq`` when neurons sit in the cells ``key_of``; cached per sequence
+        and placement, so that episodes replaying a sequence from the same start skip it."""
+        import hashlib
+
+        tag = (seq, hashlib.blake2b(key_of.tobytes(), digest_size=16).hexdigest())
+        if tag not in self._delta_cache:
+            trace, P, G = self.trace, self.prompt_len, self.gen_len
+            K = 2 * self.model.n_layers * (self.hw.n_dimms + 1)
+            lo, hi = trace._slot(seq, P), trace._slot(seq, P + G - 1) + 1
+            out = np.zeros(G * K, dtype=np.int64)
+            for ptr, ids, sign in ((trace.on_ptr, trace.on_idx, 1), (trace.off_ptr, trace.off_idx, -1)):
+                step = np.repeat(np.arange(G) * K, np.diff(ptr[lo: hi + 1]))
+                out += sign * np.bincount(step + np.take(key_of, ids[ptr[lo]: ptr[hi]]), minlength=G * K)
+            if len(self._delta_cache) >= 16:               # bounded: a pool of sequences, not a history
+                self._delta_cache.pop(next(iter(self._delta_cache)))
+            self._delta_cache[tag] = out.reshape(G, K).astype(np.int32)
+        return self._delta_cache[tag]
 
     # ---- set-up -------------------------------------------------------------------------------
     def _context(self) -> SchedContext:
         trace, P = self.trace, self.prompt_len
         gpu_budget, dimm_budget = memory_budgets(self.model, self.hw, self.cost.params, self.batch,
                                                  self.prompt_len + self.gen_len)
-        batch_trace = trace.sequences(range(self.batch)) if trace.n_seqs != self.batch else trace
-        prefill = batch_trace.frequencies(0, P)
+        prefill = sum(self.prompt_state(s)[0] for s in self.seqs) / (self.batch * P)
         offline = self._offline_freqs if self._offline_freqs is not None else trace.offline_freqs
         if offline is None:
             # no separate profile: the prompts of every sequence in the trace stand in for it
-            offline = prefill if batch_trace is trace else trace.frequencies(0, P)
+            if len(self.seqs) == trace.n_seqs:
+                offline = prefill
+            else:
+                if "prompts" not in self._prompt_cache:
+                    self._prompt_cache["prompts"] = (trace.frequencies(0, P), None)
+                offline = self._prompt_cache["prompts"][0]
         if offline.shape != (self.layout.n_neurons,):
             raise TraceError(f"offline profile has shape {offline.shape}, expected ({self.layout.n_neurons},)")
         policy_rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(1)[0])
@@ -155,159 +203,273 @@ class Simulator:
                             layer_parents=getattr(trace, "layer_parents", None))
 
     # ---- the run --------------------------------------------------------------------------------
+    def start(self, progress: bool = False, seqs: list[int] | tuple[int, ...] | None = None,
+              initial: Placement | None = None) -> "DecodeRun":
+        """Set up a generation (profiles, initial placement, prefill) and return it, ready to be
+        advanced one window at a time (what the Gymnasium environments do).
+
+        Args:
+            seqs: trace sequences forming the batch (default: those given at construction).
+            initial: start from this placement (copied) instead of asking the partition and
+                balancer for their initial decisions; they are still reset with the run's context.
+        """
+        if seqs is not None:
+            self.seqs = self._check_seqs(seqs, self.batch, self.trace)
+        return DecodeRun(self, progress=progress, initial=initial)
+
     def run(self, progress: bool = False) -> SimResult:
-        wall0 = time.perf_counter()
-        ctx = self._context()
-        L, J, B, P, G, W = self.model.n_layers, self.hw.n_dimms, self.batch, self.prompt_len, self.gen_len, self.window_tokens
-        n_dev = J + 1
-        K = 2 * L * n_dev
-        on_gpu = self.partition.initial_partition(ctx)
-        home = self.balancer.initial_mapping(ctx, on_gpu)
-        placement = Placement(on_gpu, home)
-        self._dimm_bytes = np.bincount(home, weights=ctx.neuron_bytes, minlength=self.hw.n_dimms)
-        group = ctx.group_of
+        """Simulate the whole generation, the policies deciding at every window boundary."""
+        run = self.start(progress=progress)
+        while not run.done:
+            run.next_window()
+            if not run.done:
+                run.apply_policies()
+        return run.result()
+
+
+@dataclass
+class WindowOutcome:
+    """One priced window of decode steps (see :meth:`DecodeRun.next_window`)."""
+
+    t0: int                         # first token of the window (absolute position)
+    t1: int                         # one past the last token
+    cost: StepsCost                 # per-step latency, components, stage times, DIMM imbalance
+    activity: WindowActivity        # what online policies see at the window's end
+    gpu_activations: float          # neuron activations computed on the GPU in the window
+    all_activations: float          # all neuron activations in the window
+
+    @property
+    def n_tokens(self) -> int:
+        return self.t1 - self.t0
+
+    @property
+    def window_s(self) -> float:
+        return float(self.cost.step_s.sum())
+
+
+class DecodeRun:
+    """One generation in progress: :meth:`next_window` simulates and prices the next window of
+    tokens, :meth:`apply_partition` / :meth:`apply_balance` (or :meth:`apply_policies`) apply
+    moves between windows, :meth:`result` summarises. ``Simulator.run`` is exactly that loop.
+
+    The counts ``total`` / ``union`` of active neurons per (group, device) cell are kept
+    incrementally: a token costs O(toggles), a move O(moved neurons).
+    """
+
+    def __init__(self, sim: Simulator, progress: bool = False, initial: Placement | None = None) -> None:
+        self.wall0 = time.perf_counter()
+        self.sim = sim
+        self.ctx = ctx = sim._context()
+        L, J, B, P = sim.model.n_layers, sim.hw.n_dimms, sim.batch, sim.prompt_len
+        self.n_dev = n_dev = J + 1
+        self.K = K = 2 * L * n_dev
+        if initial is None:
+            on_gpu = sim.partition.initial_partition(ctx)
+            home = sim.balancer.initial_mapping(ctx, on_gpu)
+            self.placement = Placement(on_gpu, home)
+        else:
+            if initial.on_gpu.shape != (ctx.n_neurons,) or initial.home_dimm.shape != (ctx.n_neurons,):
+                raise ConfigError(f"initial placement is for {initial.on_gpu.shape[0]} neurons, the model has "
+                                  f"{ctx.n_neurons}")
+            sim.partition.reset(ctx)
+            sim.balancer.reset(ctx)
+            self.placement = initial.copy()
+            home = self.placement.home_dimm
+        self.initial_placement = self.placement.copy()
+        self.dimm_bytes = np.bincount(home, weights=ctx.neuron_bytes, minlength=J)
         # key of a neuron = its (group, device) cell; int16 keeps the gathers cache friendly
         key_dtype = np.int16 if K < 2**15 else np.int32
-        key_of = (group * n_dev + placement.device()).astype(key_dtype)
+        self.key_of = (ctx.group_of * n_dev + self.placement.device()).astype(key_dtype)
 
         # batch activity at the last prompt token; the first decode step applies token P's toggles
-        active = np.zeros(self.layout.n_neurons, dtype=np.uint8)
-        predictors = [copy.deepcopy(self.predictor) for _ in range(B)]
-        for s, pred in enumerate(predictors):
-            pred.begin(ctx, self.trace.active(s, P - 1), P - 1)
+        self.active = active = np.zeros(sim.layout.n_neurons, dtype=np.uint8)
+        self.predictors = [copy.deepcopy(sim.predictor) for _ in range(B)]
+        self.seqs = sim.seqs
+        for s, pred in zip(self.seqs, self.predictors):
+            pred.begin(ctx, sim.prompt_state(s)[1], P - 1)
             active += pred.initial_computed().astype(np.uint8)   # what the first step starts from
-        for policy in (self.partition, self.balancer):
+        for policy in (sim.partition, sim.balancer):
             policy.start(active, P - 1)
-        observers = [p for p in (self.partition, self.balancer) if p.observes_tokens]
+        self.observers = [p for p in (sim.partition, sim.balancer) if p.observes_tokens]
         # The batch's active counts cost a scatter per toggle; keep them only where something reads
         # them: the batch union, online moves (a moved active neuron moves its count), or a policy.
-        online = _is_online(self.partition, PartitionPolicy) or _is_online(self.balancer, BalancerPolicy)
-        keep_active = B > 1 or online or any(p.uses_neuron_activity for p in (self.partition, self.balancer, self.predictor))
+        self.online = _is_online(sim.partition, PartitionPolicy) or _is_online(sim.balancer, BalancerPolicy)
+        self.keep_active = (B > 1 or self.online
+                            or any(p.uses_neuron_activity for p in (sim.partition, sim.balancer, sim.predictor)))
+        # one sequence whose computed set is the trace's: a window's toggles come from the trace in
+        # one slice and are counted with one bincount per window instead of one per token
+        self.whole_window = B == 1 and self.predictors[0].passthrough and not self.observers
+        if self.whole_window:
+            # per-token count deltas under the initial keys (cached per sequence and placement);
+            # each window then only corrects the toggles of neurons moved since the start
+            self.base_key = self.key_of.copy()
+            self.moved = np.zeros(sim.layout.n_neurons, dtype=bool)
+            self.n_moved = 0
+            self.base_deltas = sim.base_deltas(self.seqs[0], self.base_key)
+        self.total = np.bincount(self.key_of, weights=active, minlength=K).astype(np.int64)
+        self.union = self.total if B == 1 else np.bincount(self.key_of, weights=active > 0,
+                                                           minlength=K).astype(np.int64)
+        # scratch for WindowActivity.neuron_counts (all zeros between calls; int32 halves its cache
+        # footprint, and |sum of k over a window| stays far below 2**31)
+        self.scratch = (np.zeros(sim.layout.n_neurons, dtype=np.int32), np.zeros(sim.layout.n_neurons, dtype=bool)) \
+            if self.keep_active else None
 
-        total = np.bincount(key_of, weights=active, minlength=K).astype(np.int64)
-        union = total if B == 1 else np.bincount(key_of, weights=active > 0, minlength=K).astype(np.int64)
-
-        prefill = self.cost.prefill_cost(P, B)
-        breakdown = dict.fromkeys(COMPONENTS, 0.0)
-        for k, v in prefill.items():
-            breakdown[k] += v
-        token_s = np.zeros(G)
-        imbalance = np.zeros(G)
-        stage_s: dict[str, float] = {}
-        gpu_work = 0.0
-        all_work = 0.0
-        moves = {"promoted": 0, "evicted": 0, "remapped": 0}
-        moved_bytes = {"pcie": 0.0, "dimm_link": 0.0}
-        pending_pcie = np.zeros(L)
-        pending_link = np.zeros(L)
+        self.prefill = sim.cost.prefill_cost(P, B)
+        self.breakdown = dict.fromkeys(COMPONENTS, 0.0)
+        for k, v in self.prefill.items():
+            self.breakdown[k] += v
+        G, W = sim.gen_len, sim.window_tokens
+        self.token_s = np.zeros(G)
+        self.imbalance = np.zeros(G)
+        self.stage_s: dict[str, float] = {}
+        self.gpu_work = 0.0
+        self.all_work = 0.0
+        self.moves = {"promoted": 0, "evicted": 0, "remapped": 0}
+        self.moved_bytes = {"pcie": 0.0, "dimm_link": 0.0}
+        self.pending_pcie = np.zeros(L)
+        self.pending_link = np.zeros(L)
         # counts of every step of a window, priced together once the window is complete
-        total_buf = np.zeros((W, K))
-        union_buf = total_buf if B == 1 else np.zeros((W, K))
-
-        loop0 = time.perf_counter()
-        bar = None
+        self.total_buf = np.zeros((W, K))
+        self.union_buf = self.total_buf if B == 1 else np.zeros((W, K))
+        self.next_step = 0                  # decode step (0..G-1) the next window starts at
+        self.last: WindowOutcome | None = None
+        self.bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=G, desc=f"decode {self.model.name}", unit="tok", leave=False)
-        for w0 in range(0, G, W):
-            w1 = min(w0 + W, G)
-            window_toggles: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(w1 - w0)]
-            for g in range(w0, w1):
-                t = P + g
-                for s in range(B):
-                    on, off = predictors[s].predict(t, self.trace.on(s, t), self.trace.off(s, t))
-                    # intp indices: numpy gathers/scatters skip an internal conversion (2x faster)
-                    on, off = on.astype(np.intp), off.astype(np.intp)
-                    window_toggles[g - w0].append((on, off))
-                    k_on, k_off = key_of[on], key_of[off]
-                    total += np.bincount(k_on, minlength=K)
-                    total -= np.bincount(k_off, minlength=K)
-                    if B == 1:
-                        if keep_active:
-                            active[on] = 1
-                            active[off] = 0
-                        for obs in observers:
-                            obs.observe(t, on, off)
-                    else:
-                        a_on = active[on] + np.uint8(1)
-                        active[on] = a_on
-                        a_off = active[off] - np.uint8(1)
-                        active[off] = a_off
-                        # the union changes where a neuron's batch count crosses zero
-                        new_on, new_off = a_on == 1, a_off == 0
-                        union += np.bincount(k_on[new_on], minlength=K)
-                        union -= np.bincount(k_off[new_off], minlength=K)
-                        for obs in observers:
-                            obs.observe(t, on[new_on], off[new_off])
-                total_buf[g - w0] = total
-                if B > 1:
-                    union_buf[g - w0] = union
-            n = w1 - w0
-            cost = self.cost.steps_cost(
-                union_buf[:n].reshape(n, 2 * L, n_dev), total_buf[:n].reshape(n, 2 * L, n_dev),
-                np.arange(P + w0, P + w1) + 1, B,
-                pending_pcie if pending_pcie.any() else None, pending_link if pending_link.any() else None)
-            pending_pcie[:] = 0
-            pending_link[:] = 0
-            token_s[w0:w1] = cost.step_s
-            imbalance[w0:w1] = cost.dimm_imbalance
-            for k, v in cost.components.items():
-                breakdown[k] += v
-            for k, v in cost.stage_s.items():
-                stage_s[k] = stage_s.get(k, 0.0) + v
-            window_load = total_buf[:n].sum(axis=0)
-            per_dev = window_load.reshape(2 * L, n_dev).sum(axis=0)
-            gpu_work += per_dev[0]
-            all_work += per_dev.sum()
-            if bar is not None:
-                bar.update(n)
-            if w1 < G:
-                window = WindowActivity(P + w0, P + w1, window_load.reshape(2 * L, n_dev),
-                                        active if keep_active else None, window_toggles)
-                self._apply_partition(ctx, window, placement, key_of, active, total, union, B, n_dev,
-                                      pending_pcie, moves, moved_bytes)
-                self._apply_balance(ctx, window, placement, key_of, active, total, union, B, n_dev,
-                                    pending_link, moves, moved_bytes)
-        if bar is not None:
-            bar.close()
-        # final incremental state, kept for inspection and for tests that recount it from scratch
-        self.final_placement = placement
-        self.final_counts = {"total": total.reshape(2 * L, n_dev).copy(), "union": union.reshape(2 * L, n_dev).copy()}
+            self.bar = tqdm(total=G, desc=f"decode {sim.model.name}", unit="tok", leave=False)
+        self.loop0 = time.perf_counter()
 
-        self.predictor_summary = _merge_summaries([p.summary() for p in predictors])
-        decode_s = float(token_s.sum())
-        prefill_s = float(sum(prefill.values()))
-        return SimResult(
-            tokens_per_s=G * B / (prefill_s + decode_s),
-            prefill_s=prefill_s, decode_s=decode_s, breakdown_s=breakdown, token_s=token_s,
-            dimm_imbalance=float(imbalance.mean()), moves=moves, bytes_moved=moved_bytes,
-            hot_fraction=float(gpu_work / all_work) if all_work else 0.0, stage_s=stage_s,
-            predictor=self.predictor_summary,
-            wall_s=time.perf_counter() - wall0, loop_wall_s=time.perf_counter() - loop0,
-        )
+    @property
+    def done(self) -> bool:
+        """True once every generated token has been simulated."""
+        return self.next_step >= self.sim.gen_len
 
-    # ---- online moves -----------------------------------------------------------------------------
-    @staticmethod
-    def _rekey(idx: np.ndarray, new_dev: np.ndarray, group: np.ndarray, key_of: np.ndarray, active: np.ndarray,
-               total: np.ndarray, union: np.ndarray, batch: int, n_dev: int) -> None:
-        """Move neurons ``idx`` to compute device ``new_dev`` and update the incremental counts."""
-        K = len(total)
-        old, new = key_of[idx], (group[idx] * n_dev + new_dev).astype(key_of.dtype)
-        w = active[idx].astype(np.float64)
-        total += (np.bincount(new, weights=w, minlength=K) - np.bincount(old, weights=w, minlength=K)).astype(np.int64)
-        if batch > 1:
-            u = (w > 0).astype(np.float64)
-            union += (np.bincount(new, weights=u, minlength=K) - np.bincount(old, weights=u, minlength=K)).astype(np.int64)
-        key_of[idx] = new
+    # ---- advancing ---------------------------------------------------------------------------------
+    def next_window(self) -> WindowOutcome:
+        """Simulate the next window's tokens under the current placement and price them."""
+        if self.done:
+            raise ConfigError("the generation is complete; start a new run")
+        sim, B, K = self.sim, self.sim.batch, self.K
+        P, w0 = sim.prompt_len, self.next_step
+        w1 = min(w0 + sim.window_tokens, sim.gen_len)
+        n = w1 - w0
+        if self.whole_window:
+            toggles = self._advance_whole_window(P + w0, P + w1)
+        else:
+            toggles = [self._advance_token(P + g, g - w0) for g in range(w0, w1)]
+        L, n_dev = sim.model.n_layers, self.n_dev
+        pcie, link = self.pending_pcie, self.pending_link
+        cost = sim.cost.steps_cost(
+            self.union_buf[:n].reshape(n, 2 * L, n_dev), self.total_buf[:n].reshape(n, 2 * L, n_dev),
+            np.arange(P + w0, P + w1) + 1, B, pcie if pcie.any() else None, link if link.any() else None)
+        pcie[:] = 0
+        link[:] = 0
+        self.token_s[w0:w1] = cost.step_s
+        self.imbalance[w0:w1] = cost.dimm_imbalance
+        for k, v in cost.components.items():
+            self.breakdown[k] += v
+        for k, v in cost.stage_s.items():
+            self.stage_s[k] = self.stage_s.get(k, 0.0) + v
+        window_load = self.total_buf[:n].sum(axis=0).reshape(2 * L, n_dev)
+        per_dev = window_load.sum(axis=0)
+        self.gpu_work += per_dev[0]
+        self.all_work += per_dev.sum()
+        if self.bar is not None:
+            self.bar.update(n)
+            if w1 >= sim.gen_len:
+                self.bar.close()
+        self.next_step = w1
+        activity = WindowActivity(P + w0, P + w1, window_load, self.active if self.keep_active else None,
+                                  toggles, scratch=self.scratch)
+        self.last = WindowOutcome(P + w0, P + w1, cost, activity, float(per_dev[0]), float(per_dev.sum()))
+        return self.last
 
-    def _apply_partition(self, ctx, window, placement, key_of, active, total, union, B, n_dev,
-                         pending_pcie, moves, moved_bytes) -> None:
-        change = self.partition.update(window, placement)
-        if change is None:
-            return
+    def _advance_token(self, t: int, row: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Apply token ``t``'s toggles of every sequence; the counts go to buffer row ``row``."""
+        K, key_of, total, union, active = self.K, self.key_of, self.total, self.union, self.active
+        B = self.sim.batch
+        out = []
+        for pred, s in zip(self.predictors, self.seqs):
+            on, off = pred.predict(t, self.sim.trace.on(s, t), self.sim.trace.off(s, t))
+            # intp indices: numpy gathers/scatters skip an internal conversion (2x faster)
+            on, off = on.astype(np.intp), off.astype(np.intp)
+            out.append((on, off))
+            k_on, k_off = key_of[on], key_of[off]
+            total += np.bincount(k_on, minlength=K)
+            total -= np.bincount(k_off, minlength=K)
+            if B == 1:
+                if self.keep_active:
+                    active[on] = 1
+                    active[off] = 0
+                for obs in self.observers:
+                    obs.observe(t, on, off)
+            else:
+                a_on = active[on] + np.uint8(1)
+                active[on] = a_on
+                a_off = active[off] - np.uint8(1)
+                active[off] = a_off
+                # the union changes where a neuron's batch count crosses zero
+                new_on, new_off = a_on == 1, a_off == 0
+                union += np.bincount(k_on[new_on], minlength=K)
+                union -= np.bincount(k_off[new_off], minlength=K)
+                for obs in self.observers:
+                    obs.observe(t, on[new_on], off[new_off])
+        self.total_buf[row] = total
+        if B > 1:
+            self.union_buf[row] = union
+        return out
+
+    def _advance_whole_window(self, t0: int, t1: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Tokens [t0, t1) of the batch's one sequence at once (computed set = true set).
+
+        The count deltas come from the cached per-token deltas under the initial keys; only the
+        toggles of neurons moved since then are re-counted (a gather over the window's toggles
+        plus a bincount over the few moved ones)."""
+        trace, K, n, P = self.sim.trace, self.K, t1 - t0, self.sim.prompt_len
+        seq = self.seqs[0]
+        lo, hi = trace._slot(seq, t0), trace._slot(seq, t1 - 1) + 1
+        deltas = self.base_deltas[t0 - P: t1 - P].astype(np.int64)        # (n, K)
+        flat_deltas = deltas.reshape(-1)
+        parts = []
+        for ptr, ids, sign in ((trace.on_ptr, trace.on_idx, 1), (trace.off_ptr, trace.off_idx, -1)):
+            bounds = ptr[lo: hi + 1] - ptr[lo]
+            flat = ids[ptr[lo]: ptr[hi]]
+            parts.append([flat[bounds[i]: bounds[i + 1]] for i in range(n)])
+            if self.n_moved:
+                sel = np.flatnonzero(np.take(self.moved, flat))
+                if len(sel):
+                    step = np.searchsorted(bounds, sel, side="right") - 1
+                    moved_ids = flat[sel]
+                    fix = (np.bincount(step * K + np.take(self.key_of, moved_ids), minlength=n * K)
+                           - np.bincount(step * K + np.take(self.base_key, moved_ids), minlength=n * K))
+                    flat_deltas += sign * fix
+        steps = np.cumsum(deltas, axis=0) + self.total
+        self.total_buf[:n] = steps
+        self.total[:] = steps[-1]
+        toggles = [[(on, off)] for on, off in zip(*parts)]
+        if self.keep_active:
+            for on, off in (tok[0] for tok in toggles):
+                self.active[on] = 1
+                self.active[off] = 0
+        return toggles
+
+    # ---- decisions between windows ---------------------------------------------------------------
+    def apply_policies(self) -> None:
+        """Let the run's own partition and balancer policies decide on the last window."""
+        if self.last is None:
+            raise ConfigError("no window has been simulated yet: call next_window() first")
+        self.apply_partition(self.sim.partition.update(self.last.activity, self.placement))
+        self.apply_balance(self.sim.balancer.update(self.last.activity, self.placement))
+
+    def apply_partition(self, change: PartitionMoves | None, who: str | None = None) -> dict[str, float]:
+        """Validate and apply a hot/cold change; its PCIe copies are priced in the next window.
+        Returns the moves and bytes of this change."""
+        if change is None or (len(change.promote) == 0 and len(change.evict) == 0):
+            return {"promoted": 0, "evicted": 0, "pcie_bytes": 0.0}
+        ctx, placement = self.ctx, self.placement
         promote = np.asarray(change.promote, dtype=np.int64)
         evict = np.asarray(change.evict, dtype=np.int64)
-        who = f"partition '{self.partition.registered_name}'"
+        who = who or f"partition '{self.sim.partition.registered_name}'"
         _check_ids(promote, ctx.n_neurons, who)
         _check_ids(evict, ctx.n_neurons, who)
         if placement.on_gpu[promote].any() or not placement.on_gpu[evict].all():
@@ -317,24 +479,24 @@ class Simulator:
         placement.on_gpu[promote] = True
         if delta > 0:   # a swap of equal sizes cannot overflow; only a net growth is checked
             check_gpu_capacity(ctx, placement.on_gpu, who)
-        self._rekey(evict, placement.home_dimm[evict].astype(np.int32) + 1, ctx.group_of, key_of, active,
-                    total, union, B, n_dev)
-        self._rekey(promote, np.zeros(len(promote), dtype=np.int32), ctx.group_of, key_of, active,
-                    total, union, B, n_dev)
+        self._rekey(evict, placement.home_dimm[evict].astype(np.int32) + 1)
+        self._rekey(promote, np.zeros(len(promote), dtype=np.int32))
         copied = np.bincount(ctx.layer_of[promote], weights=ctx.neuron_bytes[promote], minlength=ctx.model.n_layers)
-        pending_pcie += copied
-        moves["promoted"] += len(promote)
-        moves["evicted"] += len(evict)
-        moved_bytes["pcie"] += float(copied.sum())
+        self.pending_pcie += copied
+        self.moves["promoted"] += len(promote)
+        self.moves["evicted"] += len(evict)
+        self.moved_bytes["pcie"] += float(copied.sum())
+        return {"promoted": len(promote), "evicted": len(evict), "pcie_bytes": float(copied.sum())}
 
-    def _apply_balance(self, ctx, window, placement, key_of, active, total, union, B, n_dev,
-                       pending_link, moves, moved_bytes) -> None:
-        change = self.balancer.update(window, placement)
+    def apply_balance(self, change: BalanceMoves | None, who: str | None = None) -> dict[str, float]:
+        """Validate and apply a DIMM remap; its DIMM-link transfers are priced in the next window.
+        Returns the moves and bytes of this change."""
         if change is None or len(change.neurons) == 0:
-            return
+            return {"remapped": 0, "dimm_link_bytes": 0.0}
+        ctx, placement = self.ctx, self.placement
         idx = np.asarray(change.neurons, dtype=np.int64)
         dest = np.asarray(change.dest, dtype=np.int64)
-        who = f"balancer '{self.balancer.registered_name}'"
+        who = who or f"balancer '{self.sim.balancer.registered_name}'"
         _check_ids(idx, ctx.n_neurons, who)
         if dest.shape != idx.shape or (dest.size and (dest.min() < 0 or dest.max() >= ctx.n_dimms)):
             raise ConfigError(f"{who} returned destinations outside DIMMs 0..{ctx.n_dimms - 1}")
@@ -344,22 +506,62 @@ class Simulator:
         placement.home_dimm[idx] = dest
         # per-DIMM weight bytes, updated by the moves only (a full recount is O(neurons))
         moved = ctx.neuron_bytes[idx]
-        self._dimm_bytes += np.bincount(dest, weights=moved, minlength=ctx.n_dimms)
-        self._dimm_bytes -= np.bincount(src, weights=moved, minlength=ctx.n_dimms)
-        if self._dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
+        self.dimm_bytes += np.bincount(dest, weights=moved, minlength=ctx.n_dimms)
+        self.dimm_bytes -= np.bincount(src, weights=moved, minlength=ctx.n_dimms)
+        if self.dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
             check_dimm_capacity(ctx, placement.home_dimm, who)   # names the DIMM
         cold = ~placement.on_gpu[idx]
-        self._rekey(idx[cold], dest[cold].astype(np.int32) + 1, ctx.group_of, key_of, active, total, union, B, n_dev)
+        self._rekey(idx[cold], dest[cold].astype(np.int32) + 1)
         # DIMM-link time per layer: the busiest DIMM port (sent or received bytes) bounds it
         J, L = ctx.n_dimms, ctx.model.n_layers
-        nbytes = ctx.neuron_bytes[idx]
         layer = ctx.layer_of[idx]
-        sent = np.bincount(layer * J + src, weights=nbytes, minlength=L * J).reshape(L, J)
-        recv = np.bincount(layer * J + dest, weights=nbytes, minlength=L * J).reshape(L, J)
+        sent = np.bincount(layer * J + src, weights=moved, minlength=L * J).reshape(L, J)
+        recv = np.bincount(layer * J + dest, weights=moved, minlength=L * J).reshape(L, J)
         port = np.maximum(sent, recv).max(axis=1)
-        pending_link += np.where(port > 0, port / self.cost.link_bw + self.cost.link_lat_s, 0.0)
-        moves["remapped"] += len(idx)
-        moved_bytes["dimm_link"] += float(nbytes.sum())
+        cost = self.sim.cost
+        self.pending_link += np.where(port > 0, port / cost.link_bw + cost.link_lat_s, 0.0)
+        self.moves["remapped"] += len(idx)
+        self.moved_bytes["dimm_link"] += float(moved.sum())
+        return {"remapped": len(idx), "dimm_link_bytes": float(moved.sum())}
+
+    def _rekey(self, idx: np.ndarray, new_dev: np.ndarray) -> None:
+        """Move neurons ``idx`` to compute device ``new_dev`` and update the incremental counts."""
+        K, key_of = self.K, self.key_of
+        old, new = key_of[idx], (self.ctx.group_of[idx] * self.n_dev + new_dev).astype(key_of.dtype)
+        w = self.active[idx].astype(np.float64)
+        self.total += (np.bincount(new, weights=w, minlength=K) - np.bincount(old, weights=w, minlength=K)).astype(np.int64)
+        if self.sim.batch > 1:
+            u = (w > 0).astype(np.float64)
+            self.union += (np.bincount(new, weights=u, minlength=K) - np.bincount(old, weights=u, minlength=K)).astype(np.int64)
+        key_of[idx] = new
+        if self.whole_window:
+            self.moved[idx] = new != self.base_key[idx]
+            self.n_moved = int(np.count_nonzero(self.moved)) if len(idx) else self.n_moved
+
+    # ---- summary -------------------------------------------------------------------------------------
+    def result(self) -> SimResult:
+        """Metrics of the generation so far (all of it once :attr:`done`)."""
+        sim = self.sim
+        L = sim.model.n_layers
+        # final incremental state, kept for inspection and for tests that recount it from scratch
+        sim.final_placement = self.placement
+        sim.final_counts = {"total": self.total.reshape(2 * L, self.n_dev).copy(),
+                            "union": self.union.reshape(2 * L, self.n_dev).copy()}
+        sim.predictor_summary = _merge_summaries([p.summary() for p in self.predictors])
+        steps = self.next_step
+        decode_s = float(self.token_s[:steps].sum())
+        prefill_s = float(sum(self.prefill.values()))
+        now = time.perf_counter()
+        return SimResult(
+            tokens_per_s=steps * sim.batch / (prefill_s + decode_s),
+            prefill_s=prefill_s, decode_s=decode_s, breakdown_s=dict(self.breakdown),
+            token_s=self.token_s[:steps].copy(),
+            dimm_imbalance=float(self.imbalance[:steps].mean()) if steps else 1.0,
+            moves=dict(self.moves), bytes_moved=dict(self.moved_bytes),
+            hot_fraction=float(self.gpu_work / self.all_work) if self.all_work else 0.0,
+            stage_s=dict(self.stage_s), predictor=sim.predictor_summary,
+            wall_s=now - self.wall0, loop_wall_s=now - self.loop0,
+        )
 
 
 def _merge_summaries(summaries: list[dict[str, float]]) -> dict[str, float]:

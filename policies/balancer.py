@@ -96,6 +96,11 @@ class WindowRebalancer(BalancerPolicy):
     :meth:`_rebalance` from their cold neurons that fired in the window."""
 
     uses_neuron_activity = True
+
+    def reset(self, ctx: SchedContext) -> None:
+        super().reset(ctx)
+        self._windows = 0      # rotates the candidate sample (see ``candidate_stride``)
+
     def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
         return snake_mapping(ctx, on_gpu)
 
@@ -103,7 +108,7 @@ class WindowRebalancer(BalancerPolicy):
         groups = _imbalanced_groups(window, self.params.tolerance)
         if len(groups) == 0 or self.ctx.n_dimms < 2:
             return None
-        self._windows = getattr(self, "_windows", 0) + 1
+        self._windows += 1
         stride = getattr(self.params, "candidate_stride", 1)
         ids, home, A = _window_candidates(self.ctx, window, placement, groups, stride, self._windows)
         return self._rebalance(window, groups, ids, home, A)
@@ -135,10 +140,15 @@ class HermesWindow(WindowRebalancer):
         #: Algorithm 1). The most-activated neurons tie at A = window length by the hundreds per
         #: DIMM, so a sample finds them at 1/stride of the cost (chosen default 16).
         candidate_stride: int = 16
+        #: share of each pair's load gap that is closed: 1.0 moves up to half the gap, i.e. until
+        #: the pair is even (Algorithm 1); smaller values move less (fewer DIMM-link bytes)
+        move_fraction: float = 1.0
 
         def __post_init__(self) -> None:
             if self.tolerance < 0:
                 raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+            if not 0 <= self.move_fraction <= 1:
+                raise ValueError(f"move_fraction must be in [0, 1], got {self.move_fraction}")
             if self.max_moves_per_stage < 0:
                 raise ValueError(f"max_moves_per_stage must be >= 0, got {self.max_moves_per_stage}")
             if self.candidate_stride < 1:
@@ -155,7 +165,7 @@ class HermesWindow(WindowRebalancer):
         ids, home, A, gpos, rank = ids[busy], home[busy], A[busy], gpos[busy], rank[busy]
         partner = dimm_at_rank[gpos, J - 1 - rank]
         # half the load gap of each pair: moving more would make the busy side the idler one
-        half_gap = (load[gpos, home] - load[gpos, partner]) / 2.0
+        half_gap = self.params.move_fraction * (load[gpos, home] - load[gpos, partner]) / 2.0
         pair = gpos * J + home
         order = np.lexsort((-A, pair))                               # by pair, most activated first
         pair_s, A_s = pair[order], A[order].astype(np.float64)

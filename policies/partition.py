@@ -154,6 +154,9 @@ class HermesAdjust(HermesIlp):
         state_dec: int = 1
         #: cap promotions per stage to what PCIe copies within one projection
         hide_copies: bool = True
+        #: multiplier of that cap (1.0: the paper's hidden copies; 0: no promotions this window;
+        #: above 1 some copies are exposed). Ignored when ``hide_copies`` is False.
+        promote_scale: float = 1.0
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -161,6 +164,8 @@ class HermesAdjust(HermesIlp):
                 raise ValueError(f"hot_threshold must be in 0..15, got {self.hot_threshold}")
             if self.state_inc < 0 or self.state_dec < 0:
                 raise ValueError("state_inc and state_dec must be >= 0")
+            if self.promote_scale < 0:
+                raise ValueError(f"promote_scale must be >= 0, got {self.promote_scale}")
 
     def start(self, active: np.ndarray, token: int) -> None:
         from .fsm import SaturatingStates, initial_states
@@ -177,14 +182,23 @@ class HermesAdjust(HermesIlp):
         self.states.toggle(on, off, token)
         self._seen.append(on)
 
+    def candidate_state_histogram(self, placement: Placement, token: int) -> np.ndarray:
+        """(16,) how many distinct cold neurons that fired since the last decision are in each
+        FSM state at ``token`` (what the next decision picks its promotions from)."""
+        seen = np.concatenate(self._seen)
+        cand = self._distinct(seen[~placement.on_gpu[seen]])
+        return np.bincount(self.states.states(cand, token), minlength=16)
+
+    def _distinct(self, ids: np.ndarray) -> np.ndarray:
+        """Distinct ids (each at its last occurrence), in O(n): the last write into the stamp wins."""
+        self._stamp[ids] = np.arange(len(ids))
+        return ids[self._stamp[ids] == np.arange(len(ids))]
+
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p, now = self.ctx, self.params, window.t1 - 1
         seen = np.concatenate(self._seen)
         cand = seen[~placement.on_gpu[seen]]
-        cand = cand[self.states.states(cand, now) > p.hot_threshold]
-        # distinct ids in O(n): the last write of an id into the stamp array wins
-        self._stamp[cand] = np.arange(len(cand))
-        cand = cand[self._stamp[cand] == np.arange(len(cand))]
+        cand = self._distinct(cand[self.states.states(cand, now) > p.hot_threshold])
         cand_state = self.states.states(cand, now)
         if len(cand) == 0:
             return None
@@ -211,7 +225,7 @@ class HermesAdjust(HermesIlp):
         if p.hide_copies:
             cm = ctx.cost
             per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw              # bytes hidden per layer
-            cap = np.floor(per_layer / 2 / ctx.cost.neuron_bytes[c_stage % 2]).astype(np.int64)
+            cap = np.floor(p.promote_scale * per_layer / 2 / ctx.cost.neuron_bytes[c_stage % 2]).astype(np.int64)
             swap &= c_rank < cap
             # candidates still hot are re-examined next window even without a new toggle; a
             # stage can take at most ``cap`` per window, so its best 2 x cap leftovers suffice

@@ -13,6 +13,8 @@ from ndpsched.registry import register_policy
 class OraclePredictor(PredictorPolicy):
     """Perfect prediction: the computed set is the true active set (an upper bound)."""
 
+    passthrough = True
+
     def _predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return on, off
 

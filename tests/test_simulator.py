@@ -70,6 +70,39 @@ def test_incremental_counts_equal_recount(batch, tiny_model, tiny_hw, tiny_trace
     assert result.bytes_moved["dimm_link"] > 0 and result.bytes_moved["pcie"] > 0
 
 
+@pytest.mark.parametrize("seq", [0, 2])
+def test_whole_window_counting_equals_token_by_token(seq, tiny_model, tiny_hw, tiny_trace):
+    """Batch 1 with the oracle reads a window's toggles at once (cached deltas + corrections for
+    moved neurons); it must price every step exactly as the token-by-token path does."""
+    results = []
+    for whole in (True, False):
+        sim = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 1, seqs=[seq])
+        run = sim.start()
+        assert run.whole_window
+        run.whole_window = whole
+        while not run.done:
+            run.next_window()
+            if not run.done:
+                run.apply_policies()
+        results.append((run.result(), run.total.copy()))
+    (fast, fast_total), (slow, slow_total) = results
+    assert fast.moves["remapped"] > 0 and fast.moves["promoted"] > 0
+    assert np.array_equal(fast.token_s, slow.token_s)
+    assert np.array_equal(fast_total, slow_total)
+
+
+def test_seqs_pick_the_batch_from_a_larger_trace(tiny_model, tiny_hw, tiny_trace):
+    from ndpsched.errors import ConfigError, TraceError
+
+    one = _sim(tiny_model, tiny_hw, tiny_trace.sequences([2]), SwapPartition(), ShuffleBalancer(), 1).run()
+    picked = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 1, seqs=[2]).run()
+    assert np.array_equal(one.token_s, picked.token_s)
+    with pytest.raises(TraceError, match="outside"):
+        _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 1, seqs=[5])
+    with pytest.raises(ConfigError, match="distinct"):
+        _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 2, seqs=[1, 1])
+
+
 def test_breakdown_adds_up_and_tokens_per_s(tiny_model, tiny_hw, tiny_trace):
     cfg = RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30)
     r = simulate(cfg, trace=tiny_trace)

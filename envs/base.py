@@ -1,0 +1,323 @@
+"""The execution model as a Gymnasium environment: one step = one scheduling window.
+
+:class:`SchedulingEnv` owns a :class:`~ndpsched.simulator.Simulator` over a pool of trace
+sequences. ``reset`` starts a generation on sequences drawn from the pool (prefill, then the
+first window under the offline placement, which sets the episode's reference latency); every
+``step`` applies the agent's decision for the roles it controls (the other roles' registered
+heuristics decide as usual), simulates the next window and prices it. Subclasses
+(:mod:`ndpsched.envs.dimm_balance`, :mod:`ndpsched.envs.hot_cold`, :mod:`ndpsched.envs.schedule`)
+only choose the controlled roles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from ndpsched.config import PolicySpec, RunConfig
+from ndpsched.errors import ConfigError, unknown_name
+from ndpsched.run import build_simulator, load_trace
+from ndpsched.simulator import DecodeRun, WindowOutcome
+
+from .actions import KnobGrid
+from .observations import FEATURE_MAX, feature_names, window_features
+from .rewards import WindowReport, make_reward
+
+#: roles in the order their decisions are applied at a window boundary
+DECISION_ROLES = ("partition", "balancer")
+
+#: workload defaults of every env (Hermes' evaluation set-up on the small ReLU model)
+ENV_DEFAULTS: dict[str, Any] = {"model": "relullama-7b", "gpu": "rtx4090", "dimms": 8, "batch": 1,
+                                "prompt_len": 128, "gen_len": 128, "window_tokens": 5, "trace": "skew",
+                                "trace_seqs": 4}
+#: named sets of defaults (``preset="tiny"``); explicit keyword arguments override them.
+#: 'tiny' is a toy for tests and examples, not a real machine: the tiny model on a 260 KB GPU
+#: with the GPU's per-stage overheads (kernel launch, sync) cut to 0.1 us, so that even its
+#: tiny layers split neurons between GPU and DIMMs and both scheduling roles have work to do
+ENV_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"model": "tiny", "gpu": "tiny-gpu", "dimms": 4, "prompt_len": 16, "gen_len": 40,
+             "trace_seqs": 6, "config": {"cost": {"sync_us": 0.1},
+                                         "hardware": {"gpu": {"kernel_overhead_us": 0.1}}}},
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _pool_trace(cfg_yaml: str, n_seqs: int, trace_seed: int):
+    """The episode pool's trace, shared by the envs of one process (vector envs in sync mode)."""
+    import yaml
+
+    cfg = RunConfig.from_dict(yaml.safe_load(cfg_yaml))
+    pool_cfg = dataclasses.replace(cfg, batch=n_seqs, seed=trace_seed)
+    return load_trace(pool_cfg, cfg.load_model())
+
+
+class SchedulingEnv(gym.Env):
+    """Base of the ndpsched environments (see the subclasses' docstrings for the spaces).
+
+    Args:
+        model, gpu, dimms, batch, prompt_len, gen_len, window_tokens: the workload and machine
+            (preset names; see ``ndpsched list``).
+        trace: trace generator name ('skew', 'relullama7b', ...) or a trace ``.npz`` file.
+        trace_seqs: sequences in the episode pool (a generated trace has this many; a file has its own).
+        trace_seed: seed of the generated pool; evaluate on another seed for held-out traces.
+        partition, predictor, balancer: registered policy names of the three roles; a role the
+            agent controls is carried out by this policy with the parameters the action picks.
+        partition_params, predictor_params, balancer_params: their base parameters.
+        knobs: {role: {param: [levels]}} replacing the default action grid of a controlled role.
+        reward: registered reward name ('latency', 'latency_energy') or a Reward instance.
+        reward_params: constants of the reward.
+        history: windows of features stacked in the observation.
+        config: base RunConfig (dict, YAML path or RunConfig) for everything else (hardware and
+            cost overrides, dtypes); the keyword arguments above override it.
+        preset: a named set of defaults from :data:`ENV_PRESETS` ('tiny' for fast tests).
+        render_mode: None or 'ansi'.
+    """
+
+    metadata = {"render_modes": ["ansi", "rgb_array"]}
+    #: roles the agent decides (set by subclasses)
+    controlled: tuple[str, ...] = ()
+    #: default policy of each role when this env is made
+    default_policies = {"partition": "hermes.ilp", "predictor": "oracle", "balancer": "hermes.window"}
+
+    def __init__(self, model: str | None = None, gpu: str | None = None, dimms: int | None = None,
+                 batch: int | None = None, prompt_len: int | None = None, gen_len: int | None = None,
+                 window_tokens: int | None = None, trace: str | None = None, trace_seqs: int | None = None,
+                 trace_seed: int = 0, partition: str | None = None, predictor: str | None = None,
+                 balancer: str | None = None, partition_params: dict | None = None,
+                 predictor_params: dict | None = None, balancer_params: dict | None = None,
+                 knobs: dict[str, dict[str, list]] | None = None, reward: Any = "latency",
+                 reward_params: dict | None = None, history: int = 3,
+                 config: dict | str | RunConfig | None = None, preset: str | None = None,
+                 render_mode: str | None = None) -> None:
+        super().__init__()
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ConfigError(f"render_mode must be None, 'ansi' or 'rgb_array', got {render_mode!r}")
+        if not isinstance(history, int) or history < 1:
+            raise ConfigError(f"history must be a positive integer, got {history!r}")
+        self.render_mode = render_mode
+        if preset is not None and preset not in ENV_PRESETS:
+            raise unknown_name("env preset", str(preset), ENV_PRESETS)
+        given = {"model": model, "gpu": gpu, "dimms": dimms, "batch": batch, "prompt_len": prompt_len,
+                 "gen_len": gen_len, "window_tokens": window_tokens, "trace": trace, "trace_seqs": trace_seqs}
+        chosen = {**ENV_DEFAULTS, **ENV_PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}}
+        model, gpu, dimms, batch = chosen["model"], chosen["gpu"], chosen["dimms"], chosen["batch"]
+        prompt_len, gen_len, window_tokens = chosen["prompt_len"], chosen["gen_len"], chosen["window_tokens"]
+        trace, trace_seqs = chosen["trace"], chosen["trace_seqs"]
+        names = {"partition": partition, "predictor": predictor, "balancer": balancer}
+        params = {"partition": partition_params, "predictor": predictor_params, "balancer": balancer_params}
+        base = _base_config(config if config is not None else chosen.get("config"))
+        cfg = dataclasses.replace(
+            base, model=model, gpu=gpu, dimms=dimms, batch=batch, prompt_len=prompt_len, gen_len=gen_len,
+            window_tokens=window_tokens, trace=dataclasses.replace(base.trace, source=str(trace)),
+            **{role: PolicySpec(names[role] or self.default_policies[role], dict(params[role] or {}))
+               for role in names})
+        cfg = RunConfig.from_dict(cfg.to_dict())          # validates the keyword arguments
+        if gen_len <= window_tokens:
+            raise ConfigError(f"gen_len ({gen_len}) must exceed window_tokens ({window_tokens}): an "
+                              "episode needs at least one decision")
+        if not isinstance(trace_seqs, int) or trace_seqs < batch:
+            raise ConfigError(f"trace_seqs must be an integer >= batch ({batch}), got {trace_seqs!r}")
+        self.config = cfg
+        knobs = knobs or {}
+        unknown = set(knobs) - set(self.controlled)
+        if unknown:
+            raise ConfigError(f"knobs given for {sorted(unknown)}, but this env controls {list(self.controlled)}")
+        self.grids = {role: KnobGrid(role, getattr(cfg, role).name, getattr(cfg, role).params, knobs.get(role))
+                      for role in self.controlled}
+        self.reward_fn = make_reward(reward, reward_params)
+
+        if Path(str(trace)).suffix == ".npz":
+            pool = load_trace(cfg, cfg.load_model())
+        else:
+            import yaml
+
+            pool = _pool_trace(yaml.safe_dump(cfg.to_dict()), trace_seqs, trace_seed)
+        if pool.n_seqs < batch:
+            raise ConfigError(f"trace '{trace}' has {pool.n_seqs} sequences, batch {batch} needs {batch}")
+        self.pool_size = pool.n_seqs
+        self.sim = build_simulator(cfg, pool)
+        # the offline placement (Hermes computes it once per model, offline) is decided once per
+        # env on the first sequences of the pool; every episode starts from it
+        self._initial = self.sim.start(seqs=range(batch)).initial_placement
+
+        J = self.sim.hw.n_dimms
+        self.history = history
+        with_candidates = "partition" in self.controlled and hasattr(self.sim.partition, "candidate_state_histogram")
+        self.feature_names = feature_names(J, with_candidates)
+        n_feat = len(self.feature_names)
+        self.observation_space = spaces.Box(0.0, FEATURE_MAX, shape=(history * n_feat,), dtype=np.float32)
+        self.action_space = self._make_action_space()
+        self._hist = np.zeros((history, n_feat))
+        self._run: DecodeRun | None = None
+        self._reference_token_s = 1.0
+        self._last_info: dict[str, Any] = {}
+
+    # ---- spaces ------------------------------------------------------------------------------------
+    def _make_action_space(self) -> spaces.Space:
+        sizes = [self.grids[role].n for role in self.controlled]
+        return spaces.Discrete(sizes[0]) if len(sizes) == 1 else spaces.MultiDiscrete(sizes)
+
+    def _split(self, action: Any) -> dict[str, int]:
+        """{role: action index} of an action of this env's space (anything else is an error)."""
+        flat = np.asarray(action).reshape(-1)
+        ok = flat.size == len(self.controlled) and (np.issubdtype(flat.dtype, np.integer) or
+                                                    (flat.dtype.kind == "f" and np.all(flat == np.round(flat))))
+        acts = {role: int(a) for role, a in zip(self.controlled, flat)} if ok else {}
+        if not ok or any(not 0 <= a < self.grids[role].n for role, a in acts.items()):
+            raise ConfigError(f"action {action!r} is outside the action space {self.action_space}")
+        return acts
+
+    def action_masks(self) -> np.ndarray:
+        """Valid actions (sb3-contrib's MaskablePPO reads this): "no move" is always valid; moves
+        between DIMMs need two DIMMs; promotions need a GPU budget. Concatenated over the roles of
+        a MultiDiscrete space."""
+        masks = []
+        for role in self.controlled:
+            grid = self.grids[role]
+            m = np.ones(grid.n, dtype=bool)
+            if role == "balancer" and self.sim.hw.n_dimms < 2:
+                m[1:] = False
+            if role == "partition" and not self._initial.on_gpu.any():
+                m[1:] = False
+            masks.append(m)
+        return np.concatenate(masks)
+
+    def heuristic_action(self) -> Any:
+        """The action that reproduces the configured heuristics' own decisions."""
+        acts = [self.grids[role].default_action for role in self.controlled]
+        return acts[0] if len(acts) == 1 else np.array(acts, dtype=np.int64)
+
+    def describe_action(self, action: Any) -> dict[str, str]:
+        return {role: self.grids[role].describe(a) for role, a in self._split(action).items()}
+
+    # ---- episode -----------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Start a generation. ``options={"seqs": [...]}`` picks the pool sequences of the batch
+        (default: drawn with the env's seeded generator)."""
+        super().reset(seed=seed)
+        options = dict(options or {})
+        seqs = options.pop("seqs", None)
+        if options:
+            raise ConfigError(f"unknown reset option(s) {sorted(options)}; valid: ['seqs']")
+        if seqs is None:
+            seqs = sorted(self.np_random.choice(self.pool_size, size=self.sim.batch, replace=False).tolist())
+        self._run = self.sim.start(seqs=seqs, initial=self._initial)
+        out = self._run.next_window()
+        self._reference_token_s = out.window_s / out.n_tokens
+        self._hist[:] = 0.0
+        moves = {"promoted": 0, "evicted": 0, "remapped": 0, "pcie_bytes": 0.0, "dimm_link_bytes": 0.0}
+        obs = self._observe(out, moves)
+        info = self._info(out, moves, energy_j=0.0, action=None)
+        return obs, info
+
+    def step(self, action: Any):
+        run = self._run
+        if run is None or run.done:
+            raise ConfigError("the episode is over (or was never started): call reset()")
+        acts = self._split(action)
+        mask = self.action_masks()
+        offset = 0
+        for role in self.controlled:
+            a = acts[role]
+            if not mask[offset + a]:
+                raise ConfigError(f"{role} action {a} ({self.grids[role].describe(a)}) is masked out "
+                                  f"now; valid actions: {np.flatnonzero(mask[offset: offset + self.grids[role].n]).tolist()}")
+            offset += self.grids[role].n
+        activity, placement = run.last.activity, run.placement
+        moves: dict[str, float] = {}
+        for role in DECISION_ROLES:
+            policy = getattr(self.sim, role)
+            if role in acts:
+                setting = self.grids[role].settings[acts[role]]
+                change = None
+                if setting is not None:
+                    policy.params = setting
+                    change = policy.update(activity, placement)
+            else:
+                change = policy.update(activity, placement)
+            apply = run.apply_partition if role == "partition" else run.apply_balance
+            moves.update(apply(change))
+        hw = self.sim.hw
+        energy_j = 8e-12 * (moves["dimm_link_bytes"] * hw.dimm_link.energy_pj_per_bit
+                            + moves["pcie_bytes"] * hw.pcie.energy_pj_per_bit)
+        out = run.next_window()
+        report = WindowReport(out.window_s, out.n_tokens, self._reference_token_s, energy_j,
+                              moves["dimm_link_bytes"], moves["pcie_bytes"])
+        reward = float(self.reward_fn(report))
+        obs = self._observe(out, moves)
+        info = self._info(out, moves, energy_j, acts)
+        return obs, reward, run.done, False, info
+
+    # ---- observation and info ------------------------------------------------------------------------
+    def _observe(self, out: WindowOutcome, moves: dict[str, float]) -> np.ndarray:
+        cand = None
+        if "partition" in self.controlled and hasattr(self.sim.partition, "candidate_state_histogram"):
+            cand = self.sim.partition.candidate_state_histogram(self._run.placement, out.t1 - 1)
+        feats = window_features(self._run, out, self._reference_token_s, moves, cand)
+        self._hist = np.roll(self._hist, -1, axis=0)
+        self._hist[-1] = feats
+        return np.clip(self._hist.reshape(-1), 0.0, FEATURE_MAX).astype(np.float32)
+
+    def _info(self, out: WindowOutcome, moves: dict[str, float], energy_j: float, action) -> dict[str, Any]:
+        info = {
+            "tokens": out.n_tokens,
+            "window_s": out.window_s,
+            "token_s": out.window_s / out.n_tokens,
+            "reference_token_s": self._reference_token_s,
+            "breakdown_s": dict(out.cost.components),
+            "dimm_imbalance": float(np.mean(out.cost.dimm_imbalance)),
+            "moves": {k: int(moves.get(k, 0)) for k in ("promoted", "evicted", "remapped")},
+            "bytes_moved": {"pcie": float(moves.get("pcie_bytes", 0.0)),
+                            "dimm_link": float(moves.get("dimm_link_bytes", 0.0))},
+            "migration_energy_j": energy_j,
+            "hot_fraction": out.gpu_activations / out.all_activations if out.all_activations else 0.0,
+        }
+        if action is not None:
+            info["action"] = {role: self.grids[role].describe(a) for role, a in action.items()}
+        self._last_info = info
+        return info
+
+    def episode_result(self):
+        """The :class:`~ndpsched.simulator.SimResult` of the episode so far (tokens/s etc.)."""
+        if self._run is None:
+            raise ConfigError("no episode has been started: call reset()")
+        return self._run.result()
+
+    def render(self) -> str | np.ndarray | None:
+        """'ansi': a one-line summary of the last window; 'rgb_array': a (64, 16 (J + 1), 3) uint8
+        bar chart of the last window's activations on the GPU (green) and every DIMM (blue; the
+        busiest in red)."""
+        if self._run is None or self._run.last is None or self.render_mode is None:
+            return None
+        if self.render_mode == "ansi":
+            i = self._last_info
+            return (f"tokens {self._run.next_step}/{self.sim.gen_len}  {1e3 * i['token_s']:.3f} ms/token "
+                    f"(ref {1e3 * i['reference_token_s']:.3f})  imbalance {i['dimm_imbalance']:.3f}  "
+                    f"moves {i['moves']}")
+        per_dev = self._run.last.activity.device_load.sum(axis=0)
+        height, width = 64, 16
+        img = np.full((height, width * len(per_dev), 3), 255, dtype=np.uint8)
+        top = per_dev.max() if per_dev.max() > 0 else 1.0
+        busiest = 1 + int(np.argmax(per_dev[1:]))
+        for d, value in enumerate(per_dev):
+            h = int(round((height - 2) * value / top))
+            color = (40, 160, 60) if d == 0 else (200, 40, 40) if d == busiest else (50, 90, 200)
+            img[height - h:, d * width + 2: (d + 1) * width - 2] = color
+        return img
+
+
+def _base_config(config: dict | str | RunConfig | None) -> RunConfig:
+    if config is None:
+        return RunConfig()
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return RunConfig.from_yaml(config)
+    if isinstance(config, dict):
+        return RunConfig.from_dict(config)
+    raise ConfigError(f"config must be a dict, a YAML path or a RunConfig, got {type(config).__name__}")

@@ -1,0 +1,91 @@
+"""Observation features of the scheduling environments: per-window summaries whose size depends
+only on the DIMM count and the history length, never on the model's width or depth.
+
+Every feature is a ratio (normalised load, share of time, fraction of stages) clipped to
+``[0, FEATURE_MAX]``, so one policy network reads relullama-7b and llama2-70b alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ndpsched.simulator import DecodeRun, WindowOutcome
+
+#: upper bound of every feature (ratios beyond it carry no extra information for a policy)
+FEATURE_MAX = 10.0
+#: stage-imbalance levels whose exceedance fractions are observed (they match the tolerance
+#: levels of the balancer's action grid)
+TOLERANCE_LEVELS = (0.02, 0.05, 0.1, 0.2)
+#: FSM-state levels whose candidate counts are observed (the hot-threshold levels of the grid)
+STATE_LEVELS = (6, 8, 10, 12, 14)
+
+COMMON_FEATURES = (
+    ["latency_vs_reference", "dimm_imbalance_excess"]
+    + [f"stages_over_{t:g}" for t in TOLERANCE_LEVELS]
+    + ["stage_imbalance_p50", "stage_imbalance_p90", "stage_imbalance_max",
+       "hot_fraction", "exposed_migration_share", "link_capacity_used", "pcie_capacity_used",
+       "progress", "dimm_time_share"]
+)
+
+
+def feature_names(n_dimms: int, candidates: bool) -> list[str]:
+    """Names of one window's features, in order."""
+    names = COMMON_FEATURES + [f"dimm_load_rank{j}" for j in range(n_dimms)]
+    if candidates:
+        names += [f"candidates_over_{s}" for s in STATE_LEVELS]
+    return names
+
+
+def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float,
+                    last_moves: dict[str, float], candidate_states: np.ndarray | None) -> np.ndarray:
+    """One window's feature vector (float64; the env casts and clips).
+
+    Args:
+        run: the run (hardware, cost model, progress).
+        out: the window just simulated.
+        reference_token_s: per-token latency of the episode's first window.
+        last_moves: DIMM-link and PCIe bytes of the decision made before this window.
+        candidate_states: (16,) histogram of FSM states of the cold neurons that are candidates
+            for promotion (HotCold), or None.
+    """
+    sim, cost = run.sim, out.cost
+    n = out.n_tokens
+    load = out.activity.device_load[:, 1:]                   # (2L, J) activations per stage, DIMM
+    mean = load.mean(axis=1)
+    busy = mean > 0
+    ratio = np.ones(len(load))
+    ratio[busy] = load[busy].max(axis=1) / mean[busy]
+    excess = ratio - 1.0
+    window_s = out.window_s
+    comps = cost.components
+    compute = comps["gpu_compute"] + comps["dimm_compute"]
+    cm = sim.cost
+    hidden_s = cm.projection_s(sim.batch) * sim.model.n_layers   # migration time hidden per window
+    feats = [
+        window_s / n / reference_token_s,
+        float(np.mean(cost.dimm_imbalance)) - 1.0,
+        *[float(np.mean(excess > t)) for t in TOLERANCE_LEVELS],
+        *np.quantile(excess, (0.5, 0.9, 1.0)).tolist(),
+        out.gpu_activations / out.all_activations if out.all_activations else 0.0,
+        comps["exposed_migration"] / window_s,
+        last_moves.get("dimm_link_bytes", 0.0) / (cm.link_bw * hidden_s),
+        last_moves.get("pcie_bytes", 0.0) / (cm.pcie_bw * hidden_s),
+        run.next_step / sim.gen_len,
+        comps["dimm_compute"] / compute if compute > 0 else 0.0,
+    ]
+    per_dimm = load.sum(axis=0)
+    dimm_mean = per_dimm.mean()
+    ranked = np.sort(per_dimm)[::-1] / dimm_mean if dimm_mean > 0 else np.ones(len(per_dimm))
+    parts = [np.asarray(feats), ranked]
+    if candidate_states is not None:
+        # candidates above each threshold, per neuron the hidden PCIe copies allow per window
+        cap = max(_promotion_capacity(run), 1.0)
+        above = np.cumsum(candidate_states[::-1])[::-1]      # above[s] = count with state >= s
+        parts.append(np.array([above[s + 1] / cap for s in STATE_LEVELS]))
+    return np.concatenate(parts)
+
+
+def _promotion_capacity(run: DecodeRun) -> float:
+    """Neurons PCIe copies within one projection per layer, summed over layers (FFN-sized)."""
+    cm, sim = run.sim.cost, run.sim
+    per_layer_bytes = cm.projection_s(sim.batch) * cm.pcie_bw
+    return float(per_layer_bytes / cm.neuron_bytes[1] * sim.model.n_layers)
