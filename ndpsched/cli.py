@@ -1,4 +1,4 @@
-"""Command-line interface: ``ndpsched simulate | bench | list``.
+"""Command-line interface: ``ndpsched simulate | bench | calibrate | list`` and more.
 
 User errors (bad names, values, files) print one line and exit with status 2; the library
 never prints, the CLI does.
@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import NdpschedError
+from .errors import ConfigError, NdpschedError
 
 log = logging.getLogger("ndpsched")
 
@@ -27,10 +27,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, help="prompt tokens (default 128)")
     p.add_argument("--gen-len", type=int, help="generated tokens (default 128)")
     p.add_argument("--seed", type=int, help="root seed (default 0)")
-    p.add_argument("--trace", help="trace generator (skew, relullama7b) or a trace .npz file")
+    p.add_argument("--trace", help="trace generator (skew, relullama7b, paper-relu, fitted:PARAMS.yaml) "
+                                  "or a trace .npz file")
     p.add_argument("--window", type=int, dest="window_tokens", help="tokens per scheduling window (default 5)")
     p.add_argument("--weight-dtype", help="weight precision: fp16 (default), bf16, int8, int4, fp32")
     p.add_argument("--kv-dtype", help="KV-cache precision: fp16 (default), bf16, int8, int4, fp32")
+    p.add_argument("--gpu-profile", help="measured GPU profile JSON (`ndpsched calibrate gpu`) or a shipped one; "
+                                         "'' for the roofline only (default: the GPU preset's own)")
     p.add_argument("--partition", help="partition policy name; see `ndpsched list policies`")
     p.add_argument("--predictor", help="predictor policy name")
     p.add_argument("--balancer", help="balancer policy name")
@@ -47,6 +50,9 @@ def _config_from_args(args: argparse.Namespace):
                                             "gen_len", "seed", "window_tokens", "weight_dtype", "kv_dtype")
             if getattr(args, k) is not None}
     data = {**cfg.to_dict(), **flat}
+    if getattr(args, "gpu_profile", None) is not None:
+        data["gpu_profile"] = args.gpu_profile
+        data["hardware"].get("gpu", {}).pop("profile", None)
     if args.trace is not None:
         data["trace"]["source"] = args.trace
     for role in ("partition", "predictor", "balancer"):
@@ -114,9 +120,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     rows = run_bench(models=args.models.split(","), batches=[int(b) for b in args.batches.split(",")],
                      prompt_len=args.prompt_len, gen_len=args.gen_len, systems=tuple(args.systems.split(",")),
-                     seed=args.seed, progress=not args.json and sys.stderr.isatty())
+                     seed=args.seed, progress=not args.json and sys.stderr.isatty(), gpu=args.gpu,
+                     gpu_profile=args.gpu_profile)
+    env_rows = []
+    if args.envs:
+        try:
+            from .envs.bench import run_env_bench
+        except ImportError as exc:
+            raise ConfigError(f"env rows need the 'rl' extra ({exc.name} is missing); pass --envs '' to skip") from None
+        env_rows = run_env_bench(args.envs.split(","), model=args.env_model, dimms=args.env_dimms,
+                                 episodes=args.env_episodes, preset=args.env_preset)
     if args.json:
-        print(json.dumps({"rows": rows}, indent=2))
+        print(json.dumps({"rows": rows + env_rows}, indent=2))
         return 0
     cols = ["model", "batch", "system", "sim_tokens_per_s", "modelled_tokens_per_s", "ratio", "setup_s",
             "end_to_end_tokens_per_s", "trace_gen_s"]
@@ -126,6 +141,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("  ".join(f"{r[c]:>15.2f}" if isinstance(r[c], float) else f"{r[c]:>15}" for c in cols))
     print("sim_tokens_per_s: decode loop only; end_to_end adds set-up (profiles, initial placement);"
           " trace_gen_s: synthetic trace generation, once per model")
+    if env_rows:
+        print(f"\nenv steps per second ({env_rows[0]['model']}, {env_rows[0]['dimms']} DIMMs; one step = one window; "
+              "heuristic action, resets included) against the bare simulator on the same windows")
+        ecols = ["env", "env_steps_per_s", "sim_windows_per_s", "env_overhead"]
+        print("  ".join(f"{c:>24}" for c in ecols))
+        for r in env_rows:
+            print("  ".join(f"{r[c]:>24.3f}" if isinstance(r[c], float) else f"{r[c]:>24}" for c in ecols))
     return 0
 
 
@@ -289,6 +311,32 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- sweep ------------------------------------------------------------------------------------
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep_command
+
+    return sweep_command(args)
+
+
+def cmd_trace_fit(args: argparse.Namespace) -> int:
+    from .tracefit import fit_command, format_comparison
+
+    cmp = fit_command(args.file, args.out, args.generate, args.model, args.tokens, args.seqs, args.seed)
+    if args.json:
+        print(json.dumps(cmp, indent=2, default=float))
+        return 0
+    t, r = cmp["target"], cmp["real_shape"]
+    print(f"real: {args.file}, {r['n_layers']} layers x (qkv {r['d_qkv']}, ffn {r['d_ffn']}), {r['n_seqs']} x "
+          f"{r['n_tokens']} tokens; fitted in {cmp['fit_s']:.1f} s")
+    print(f"fitted: {t['model']}, {t['n_layers']} layers x (qkv {t['d_qkv']}, ffn {t['d_ffn']}), {t['n_seqs']} x "
+          f"{t['n_tokens']} tokens; generated in {cmp['generate_s']:.2f} s")
+    print(format_comparison(cmp))
+    for what, path in (("fit", args.out), ("trace", args.generate)):
+        if path:
+            print(f"wrote {what} {path}")
+    return 0
+
+
 # ---- list -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from .presets import gpu_names, model_names
@@ -332,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default="hermes-offline,hermes",
                    help="comma-separated systems; hermes-offline times the execution model alone")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu", default="rtx4090", help="GPU preset")
+    p.add_argument("--gpu-profile", help="measured GPU profile JSON, or '' for the roofline only "
+                                         "(default: the GPU preset's own)")
+    p.add_argument("--envs", default="ndpsched/DimmBalance-v0,ndpsched/HotCold-v0,ndpsched/Schedule-v0",
+                   help="env ids whose steps/s are measured too ('' to skip; needs the rl extra)")
+    p.add_argument("--env-model", help="model of the env rows (default relullama-7b)")
+    p.add_argument("--env-dimms", type=int, help="DIMMs of the env rows (default 8)")
+    p.add_argument("--env-preset", help="env preset of the env rows, e.g. 'tiny'")
+    p.add_argument("--env-episodes", type=int, default=8, help="episodes per env row")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -369,13 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fidelity)
 
-    p = sub.add_parser("trace", help="activation traces: generate, record, stats")
+    p = sub.add_parser("trace", help="activation traces: generate, record, stats, fit")
     tsub = p.add_subparsers(dest="trace_command", required=True)
     g = tsub.add_parser("generate", help="write a synthetic trace to a .npz file")
     g.add_argument("--model", required=True)
     g.add_argument("--tokens", type=int, default=256)
     g.add_argument("--seqs", type=int, default=1)
-    g.add_argument("--source", default="skew", help="skew or relullama7b")
+    g.add_argument("--source", default="skew", help="skew, relullama7b, paper-relu or fitted:PARAMS.yaml")
     g.add_argument("--top20-share", type=float, default=0.8)
     g.add_argument("--token-overlap", type=float, default=0.9)
     g.add_argument("--layer-coupling", type=float, default=0.3)
@@ -403,6 +460,38 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--png", help="also draw the statistics to this PNG")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_trace_stats)
+    ft = tsub.add_parser("fit", help="fit the synthetic generator to a recorded trace; scale it to any model")
+    ft.add_argument("file", help="recorded trace .npz")
+    ft.add_argument("--out", help="write the fitted parameters here (YAML; use as trace source fitted:PATH)")
+    ft.add_argument("--generate", help="also write a fitted trace of --model to this .npz")
+    ft.add_argument("--model", help="model preset of the generated trace")
+    ft.add_argument("--tokens", type=int, default=256, help="tokens per generated sequence")
+    ft.add_argument("--seqs", type=int, default=1, help="generated sequences")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--json", action="store_true")
+    ft.set_defaults(func=cmd_trace_fit)
+
+    from .calibrate import add_compare_arguments, add_gpu_arguments, cmd_calibrate_compare, cmd_calibrate_gpu
+
+    p = sub.add_parser("calibrate", help="measure the GPU side of the execution model; compare with the roofline")
+    csub = p.add_subparsers(dest="calibrate_command", required=True)
+    g = csub.add_parser("gpu", help="measure this machine's GPU (needs torch with CUDA) into a profile JSON")
+    add_gpu_arguments(g)
+    g.set_defaults(func=cmd_calibrate_gpu)
+    g = csub.add_parser("compare", help="per kernel family: the roofline preset's error against a profile")
+    add_compare_arguments(g)
+    g.set_defaults(func=cmd_calibrate_compare)
+
+    p = sub.add_parser("sweep", help="Optuna search over run settings, trials on Ray (extra 'sweep'); resumable")
+    p.add_argument("--config", required=True, help="sweep YAML (docs/sweeps.md, examples/sweeps/)")
+    p.add_argument("--workers", type=int, help="parallel trials on local Ray (default: all CPUs)")
+    p.add_argument("--address", help="address of an existing Ray cluster (default: start local Ray)")
+    p.add_argument("--storage", help="Optuna storage: sqlite:///FILE (default OUT/study.db), a DB URL or journal:PATH")
+    p.add_argument("--study", help="study name (default: the sweep's name)")
+    p.add_argument("--trials", type=int, help="total trials of the study (default: the sweep's n_trials)")
+    p.add_argument("--out", help="output folder (default: runs/sweeps/NAME)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("list", help="list presets, policies and systems")
     p.add_argument("what", nargs="?", default="all", choices=["all", "models", "gpus", "policies", "systems"])

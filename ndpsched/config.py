@@ -31,7 +31,8 @@ class PolicySpec:
 
 @dataclass
 class TraceSpec:
-    """Where activations come from: a generator name ('skew', 'relullama7b') or a .npz path."""
+    """Where activations come from: a generator name ('skew', 'relullama7b', 'paper-relu'),
+    ``fitted:PARAMS.yaml`` (a fit of a recorded trace, ``ndpsched trace fit``) or a .npz path."""
 
     source: str = "skew"
     top20_share: float = 0.8
@@ -66,6 +67,13 @@ class RunConfig:
     hardware: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: BaselineParams overrides for the baseline systems, e.g. {"zero_kv_offload": true}
     baseline: dict[str, Any] = field(default_factory=dict)
+    #: execution mode: 'trace' (token-by-token simulation of an activation trace) or 'analytic'
+    #: (expected activity from activation frequencies, see ndpsched.analytic; for design sweeps)
+    mode: str = "trace"
+    #: measured GPU profile (``ndpsched calibrate gpu``): a path or a shipped profile name; None
+    #: keeps the GPU preset's own (the h100 preset names one), "" prices the GPU by roofline only.
+    #: Stored as ``hardware.gpu.profile``, so every path that builds the hardware uses it.
+    gpu_profile: str | None = None
 
     def __post_init__(self) -> None:
         # accept plain strings / mappings for the nested specs (YAML and Python callers)
@@ -90,6 +98,16 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.gpu_profile is not None:
+            if not isinstance(self.gpu_profile, str):
+                raise ConfigError(f"gpu_profile must be a file name or path, got {self.gpu_profile!r}")
+            gpu_hw = dict(self.hardware.get("gpu") or {})
+            if gpu_hw.get("profile", self.gpu_profile) != self.gpu_profile:
+                raise ConfigError(f"gpu_profile '{self.gpu_profile}' and hardware.gpu.profile "
+                                  f"'{gpu_hw['profile']}' disagree; set one of them")
+            self.hardware = {**self.hardware, "gpu": {**gpu_hw, "profile": self.gpu_profile}}
+        if self.mode not in ("trace", "analytic"):
+            raise unknown_name("mode", str(self.mode), ("trace", "analytic"))
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -175,6 +193,8 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         raise unknown_name("config key", dotted, list(data))
     if len(parts) == 1:
         data[top] = value
+        if top == "gpu_profile":     # a new profile replaces the one folded into hardware.gpu
+            (data.get("hardware") or {}).get("gpu", {}).pop("profile", None)
         return
     if top in ROLES:
         if data[top] is None:

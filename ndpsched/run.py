@@ -14,7 +14,7 @@ from .registry import registry
 from .simulator import SimResult, Simulator
 from .systems import HOST_SYSTEMS, canonical, system_policies
 from .trace import ActivationTrace
-from .tracegen import TRACE_GENERATORS, synthetic_trace
+from .tracegen import TRACE_GENERATORS, is_trace_generator, synthetic_trace
 
 
 def resolve_policies(cfg: RunConfig) -> dict[str, PolicySpec]:
@@ -35,9 +35,11 @@ def resolve_policies(cfg: RunConfig) -> dict[str, PolicySpec]:
 
 
 def load_trace(cfg: RunConfig, model: ModelSpec) -> ActivationTrace:
-    """The activation trace a config names: a generator or a ``.npz`` file."""
+    """The activation trace a config names: a generator (``fitted:PARAMS.yaml`` included) or a
+    ``.npz`` file of the model's shape (another shape is refused: ``ndpsched trace fit`` transfers
+    a recording to any model)."""
     src = cfg.trace.source
-    if src in TRACE_GENERATORS:
+    if is_trace_generator(src):
         return synthetic_trace(model, cfg.prompt_len + cfg.gen_len, cfg.batch, source=src,
                                top20_share=cfg.trace.top20_share, token_overlap=cfg.trace.token_overlap,
                                seed=cfg.seed)
@@ -83,6 +85,10 @@ def simulate(cfg: RunConfig, trace: ActivationTrace | None = None, progress: boo
         result = run_baseline(cfg.system, model, hw, cfg.batch, cfg.prompt_len, cfg.gen_len, params)
         result.config = {**cfg.to_dict(), **result.config}
         return result
+    if cfg.mode == "analytic" and trace is None:
+        from .analytic import simulate_analytic
+
+        return simulate_analytic(cfg)
     sim = build_simulator(cfg, trace)
     result = sim.run(progress=progress)
     resolved: dict[str, Any] = cfg.to_dict()

@@ -167,7 +167,8 @@ class ActivationTrace:
             raise TraceError(
                 f"trace does not match model '{model.name}': trace has {self.layout.n_layers} layers x "
                 f"(qkv {self.layout.d_qkv}, ffn {self.layout.d_ffn}) neurons, model needs "
-                f"{want.n_layers} x (qkv {want.d_qkv}, ffn {want.d_ffn})")
+                f"{want.n_layers} x (qkv {want.d_qkv}, ffn {want.d_ffn}); traces are not resampled to another "
+                f"shape: transfer a recording with `ndpsched trace fit FILE --generate OUT.npz --model {model.name}`")
 
     # ---- access ---------------------------------------------------------------------------
     def initial_active(self, seq: int = 0) -> np.ndarray:
@@ -239,12 +240,17 @@ class ActivationTrace:
         return len(self.on_idx) + len(self.off_idx)
 
     def token_overlap(self, seq: int = 0, distance: int = 1, max_tokens: int = 64) -> float:
-        """Mean fraction of token t's active neurons still active at t + distance."""
-        dense = self.dense(seq)[: max_tokens + distance] if self.n_neurons * self.n_tokens < 5e8 else None
-        if dense is None or dense.shape[0] <= distance:
-            raise TraceError("token_overlap needs a trace longer than the distance and small enough to expand")
-        a, b = dense[:-distance], dense[distance:]
-        return float((a & b).sum() / max(a.sum(), 1))
+        """Mean fraction of token t's active neurons still active at t + distance.
+
+        Over the first ``max_tokens + distance`` tokens of sequence ``seq`` and all neurons; the
+        same computation as :func:`ndpsched.tracestats.overlap_curve` (:func:`overlap_counts`).
+        """
+        if distance < 1 or self.n_tokens <= distance or self.n_neurons * self.n_tokens >= 5e8:
+            raise TraceError("token_overlap needs a distance >= 1, a trace longer than the distance and small "
+                             "enough to expand")
+        dense = self.dense(seq)[: max_tokens + distance]
+        hits, base = overlap_counts(dense, distance)
+        return float(hits[0, distance - 1] / max(base[0, distance - 1], 1))
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -342,6 +348,45 @@ class ActivationTrace:
                 raise TraceError(f"trace '{path}' has a corrupt layer_parents table")
             trace.layer_parents = parents
         return trace
+
+
+def overlap_counts(active: np.ndarray, max_distance: int,
+                   group_starts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Co-activity of every token with the token ``d`` later, d = 1..D, summed per column group.
+
+    Args:
+        active: (T, C) bool activity of C neurons over T tokens of one sequence.
+        max_distance: D (capped at T - 1).
+        group_starts: (G,) increasing first column of each group (default: one group of all).
+
+    Returns:
+        hits (G, D) float64: sum over t < T - d and the group's columns of a[t] & a[t + d];
+        base (G, D) float64: sum over t < T - d of the group's active neurons at t.
+        ``hits / base`` is the share of active neurons still active d tokens later.
+
+    One FFT per group gives every column's autocorrelation at all lags at once (power spectra
+    summed over the group's columns before the inverse transform); 0/1 data in float64, so the
+    rounded result is exact.
+    """
+    active = np.asarray(active, dtype=bool)
+    n_tokens, n_cols = active.shape
+    d_max = max(min(int(max_distance), n_tokens - 1), 0)
+    starts = np.zeros(1, dtype=np.int64) if group_starts is None else np.asarray(group_starts, dtype=np.int64)
+    ends = np.append(starts[1:], n_cols)
+    hits = np.zeros((len(starts), d_max))
+    base = np.zeros((len(starts), d_max))
+    if d_max == 0:
+        return hits, base
+    n_fft = 1 << int(2 * n_tokens - 1).bit_length()      # >= 2T - 1: no circular wrap-around
+    lags = np.arange(1, d_max + 1)
+    for g, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        x = active[:, a:b].astype(np.float64)
+        spec = np.fft.rfft(x, n=n_fft, axis=0)
+        power = (spec.real ** 2 + spec.imag ** 2).sum(axis=1)
+        hits[g] = np.rint(np.fft.irfft(power, n=n_fft)[1: d_max + 1])
+        per_token = np.cumsum(x.sum(axis=1))
+        base[g] = per_token[n_tokens - 1 - lags]
+    return hits, base
 
 
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:

@@ -219,6 +219,103 @@ def markov_trace(freqs: np.ndarray, layout: NeuronLayout, n_tokens: int, n_seqs:
                            meta, offline_freqs=freqs)
 
 
+def two_scale_trace(freqs: np.ndarray, layout: NeuronLayout, slow_share: np.ndarray, persistent_share: np.ndarray,
+                    persistence: np.ndarray, n_tokens: int, n_seqs: int = 1,
+                    seed: int | np.random.SeedSequence = 0, meta: dict | None = None) -> ActivationTrace:
+    """A trace whose overlap-vs-distance curve has two time scales (fast drop, then a plateau).
+
+    Per (layer, kind) group g, with ``c = slow_share[g]``, ``w = persistent_share[g]`` and
+    ``rho = persistence[g]``:
+
+    - **slow** (one value per sequence): each sequence draws every neuron's own frequency
+      ``q_i ~ Beta`` with mean f_i and variance ``c f_i (1 - f_i)`` (the text's topic: some
+      neurons fire more in this sequence than on average). The overlap never falls below its
+      plateau ``A + c (1 - A)``, ``A = sum f^2 / sum f`` (what independent tokens share);
+    - **fast**: a share ``w`` of the neurons (chosen once, at random) is a two-state Markov chain
+      with stationary probability q_i and lag-1 autocorrelation rho; the others draw every token
+      independently (a chain with rho = 0).
+
+    The expected overlap at distance d >= 1 is then ``A + (1 - A) (c + w (1 - c) rho^d)`` (see
+    :mod:`ndpsched.tracefit`, which fits c, w, rho to a recorded curve). ``c = w = 0`` gives
+    independent tokens; ``c = 0, w = 1`` the single-scale chains of :func:`markov_trace`.
+
+    Args:
+        freqs: (N,) mean activation probability of every neuron (0 for followers, which get
+            their events later).
+        layout: the neuron layout.
+        slow_share, persistent_share, persistence: (2L,) per group, in [0, 1), [0, 1], [0, 1).
+        n_tokens, n_seqs: tokens per sequence and sequences.
+        seed: root seed (children: the persistent neurons, then one per sequence).
+        meta: stored in the trace.
+    """
+    freqs = np.asarray(freqs, dtype=np.float64)
+    n_groups = layout.n_groups
+    if freqs.shape != (layout.n_neurons,):
+        raise TraceError(f"freqs must have shape ({layout.n_neurons},), got {freqs.shape}")
+    if not np.all((freqs >= 0) & (freqs <= MAX_FREQUENCY)):
+        raise ConfigError(f"activation frequencies must be in [0, {MAX_FREQUENCY}]")
+    if n_tokens <= 0 or n_seqs <= 0:
+        raise ConfigError(f"n_tokens and n_seqs must be > 0, got {n_tokens}, {n_seqs}")
+    dyn = {}
+    for name, values, hi_ok in (("slow_share", slow_share, False), ("persistent_share", persistent_share, True),
+                                ("persistence", persistence, False)):
+        v = np.broadcast_to(np.asarray(values, dtype=np.float64), (n_groups,))
+        if not np.all((v >= 0) & ((v <= 1) if hi_ok else (v < 1))):
+            raise ConfigError(f"{name} must be in [0, 1{']' if hi_ok else ')'} for every (layer, kind), got "
+                              f"{float(v.min()):.3g}..{float(v.max()):.3g}")
+        dyn[name] = v
+    group = layout.group_of()
+    root = np.random.SeedSequence(seed) if not isinstance(seed, np.random.SeedSequence) else seed
+    persist_seed, *seq_seeds = root.spawn(n_seqs + 1)
+    persistent = np.random.default_rng(persist_seed).random(layout.n_neurons) < dyn["persistent_share"][group]
+    rho = np.where(persistent, dyn["persistence"][group], 0.0)
+    c = dyn["slow_share"][group]
+    # Beta(f k, (1 - f) k) has variance f (1 - f) / (k + 1) = c f (1 - f) for k = 1 / c - 1
+    slow = (c > 0) & (freqs > 0)
+    k = 1.0 / np.maximum(c[slow], 1e-12) - 1.0
+    f_slow = freqs[slow]
+    parts = []
+    workers = _worker_threads()
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for child in seq_seeds:
+            beta_seed, chain_seed = child.spawn(2)
+            q = freqs.copy()
+            if slow.any():
+                q[slow] = np.random.default_rng(beta_seed).beta(f_slow * k, (1 - f_slow) * k)
+            np.minimum(q, MAX_FREQUENCY, out=q)
+            q[q < 1e-12] = 0.0        # Beta draws can underflow; such a neuron never fires here
+            chains = _MarkovChains(q, q * (1 - rho), (1 - q) * (1 - rho), n_tokens, 1)
+            chains.add_sequence(chain_seed, pool if len(chains.blocks) > 1 else None)
+            parts.append(chains.finish())
+    initial = np.concatenate([p[0] for p in parts])
+    arrays = []
+    for d in (0, 1):
+        ptrs, ids = [p[1 + 2 * d] for p in parts], [p[2 + 2 * d] for p in parts]
+        offsets = np.cumsum([0] + [len(i) for i in ids[:-1]])
+        ptr = np.concatenate([[0]] + [p[1:] + o for p, o in zip(ptrs, offsets)]).astype(np.int64)
+        arrays += [ptr, np.concatenate(ids)]
+    meta = {"source": "synthetic:two-scale", **(meta or {})}
+    return ActivationTrace(layout, n_seqs, n_tokens, initial, *arrays, meta, offline_freqs=freqs)
+
+
+def two_scale_overlap(freqs: np.ndarray, layout: NeuronLayout, slow_share: np.ndarray,
+                      persistent_share: np.ndarray, persistence: np.ndarray, max_distance: int = 50) -> np.ndarray:
+    """(2L, D) expected overlap at d = 1..D of each group of :func:`two_scale_trace`."""
+    a = independent_overlap(freqs, layout)[:, None]
+    d = np.arange(1, max_distance + 1)[None, :]
+    c, w, rho = (np.asarray(x, dtype=np.float64)[:, None] for x in (slow_share, persistent_share, persistence))
+    return a + (1 - a) * (c + w * (1 - c) * rho ** d)
+
+
+def independent_overlap(freqs: np.ndarray, layout: NeuronLayout) -> np.ndarray:
+    """(2L,) ``A = sum f^2 / sum f`` per group: the overlap of independent tokens."""
+    f = np.asarray(freqs, dtype=np.float64).reshape(layout.n_layers, layout.per_layer)
+    out = []
+    for part in (f[:, : layout.d_qkv], f[:, layout.d_qkv:]):
+        out.append((part ** 2).sum(axis=1) / np.maximum(part.sum(axis=1), 1e-300))
+    return np.stack(out, axis=1).ravel()
+
+
 #: bits of the narrow (uint32) event keys; tests lower it to exercise the uint64 path
 _NARROW_KEY_BITS = 32
 #: a sequence is split into at most this many neuron blocks (generated concurrently) ...
@@ -477,27 +574,64 @@ def drift_frequencies(freqs: np.ndarray, layout: NeuronLayout, sigma: float, rng
     return np.concatenate(out, axis=1).ravel()
 
 
+#: Hermes section V (ReLU models): adjacent tokens share > 90 % of active neurons, ~70 % at
+#: distance 10, and the share stops falling beyond ~25 tokens. The "paper-relu" generator's
+#: curve: 0.91 at d = 1 and 0.70 at d = 10 (the reported points) and a plateau of 0.65 (not
+#: reported: a chosen value; with one decay rate, plateaus from about 0.62 to 0.70 fit the
+#: reported points and "flat beyond 25"). The decay rate follows: (0.70 - P) = (0.91 - P) rho^9.
+PAPER_RELU_OVERLAP_D1 = 0.91
+PAPER_RELU_OVERLAP_D10 = 0.70
+PAPER_RELU_PLATEAU = 0.65
+
+
+def paper_relu_dynamics(freqs: np.ndarray, layout: NeuronLayout) -> dict[str, np.ndarray]:
+    """Per-group (slow_share, persistent_share, persistence) of :func:`two_scale_trace` giving
+    Hermes' ReLU overlap curve (PAPER_RELU_*) for these frequencies."""
+    a = independent_overlap(freqs, layout)
+    plateau, d1, d10 = PAPER_RELU_PLATEAU, PAPER_RELU_OVERLAP_D1, PAPER_RELU_OVERLAP_D10
+    rho = ((d10 - plateau) / (d1 - plateau)) ** (1 / 9)
+    c = np.clip((plateau - a) / (1 - a), 0, 0.98)
+    top = a + (1 - a) * c                                   # the plateau these frequencies allow
+    v = np.maximum(d1 - top, 0) / ((1 - a) * rho)
+    w = np.clip(v / (1 - c), 0, 1)
+    return {"slow_share": c, "persistent_share": w, "persistence": np.full(len(a), rho)}
+
+
 def synthetic_trace(model: ModelSpec, n_tokens: int, n_seqs: int = 1, source: str = "skew",
                     top20_share: float = DEFAULT_TOP20_SHARE, token_overlap: float = DEFAULT_TOKEN_OVERLAP,
                     layer_coupling: float = DEFAULT_LAYER_COUPLING, profile_drift: float = DEFAULT_PROFILE_DRIFT,
                     seed: int = 0) -> ActivationTrace:
-    """A synthetic trace for ``model``: frequencies from ``source`` ('skew' or 'relullama7b').
+    """A synthetic trace for ``model`` from the generator ``source`` (see TRACE_GENERATORS):
+
+    - ``skew``: frequencies with a given ``top20_share``, single-scale chains (``token_overlap``);
+    - ``relullama7b``: the real ReluLLaMA-7B profile's frequencies, single-scale chains;
+    - ``paper-relu``: the ReluLLaMA-7B frequencies and Hermes' two-time-scale ReLU overlap
+      curve (PAPER_RELU_*; ``token_overlap`` and ``top20_share`` are not used);
+    - ``fitted:PATH.yaml``: a fit of a recorded trace (``ndpsched trace fit``) scaled to the
+      model (:mod:`ndpsched.tracefit`); frequencies, dynamics and follower shares all come from
+      the fit, so ``top20_share``, ``token_overlap``, ``layer_coupling`` and ``profile_drift``
+      are not used.
 
     The trace's ``offline_freqs`` are the offline profile; the generation runs on drifted
     frequencies (``profile_drift``); a share ``layer_coupling`` of the later layers' neurons copy a
     previous-layer parent, recorded in ``trace.layer_parents``. One root seed: children seed the
     frequencies, the chains, the coupling and the drift.
     """
+    if source.startswith(FITTED_PREFIX):
+        from .tracefit import TraceFit, fitted_trace
+
+        fit = TraceFit.load(source[len(FITTED_PREFIX):])
+        return fitted_trace(fit, NeuronLayout.of(model), n_tokens, n_seqs, seed, model.name)
     freq_seed, chain_seed, couple_seed, drift_seed = np.random.SeedSequence(seed).spawn(4)
     if source == "skew":
         freqs = frequencies_from_skew(model, top20_share, freq_seed)
         extra = {"top20_share": top20_share}
-    elif source == "relullama7b":
+    elif source in ("relullama7b", "paper-relu"):
         freqs = frequencies_from_profile(model, None, freq_seed)
         extra = {"profile": "relullama7b_mlp_counts (PowerInfer)"}
     else:
         from .errors import unknown_name
-        raise unknown_name("trace generator", source, TRACE_GENERATORS)
+        raise unknown_name("trace generator", source, TRACE_GENERATORS + (FITTED_PREFIX + "PARAMS.yaml",))
     from .layercorr import add_followers, plan_coupling
 
     layout = NeuronLayout.of(model)
@@ -508,12 +642,27 @@ def synthetic_trace(model: ModelSpec, n_tokens: int, n_seqs: int = 1, source: st
     runtime[plan.follower] = 0.0                                  # followers get their root's events
     meta = {"model": model.name, "generator": source, "seed": seed, "layer_coupling": layer_coupling,
             "profile_drift": profile_drift, **extra}
-    trace = markov_trace(runtime, layout, n_tokens, n_seqs, token_overlap, chain_seed, meta)
+    if source == "paper-relu":
+        # the curve's parameters follow the frequencies the chains run on
+        dyn = paper_relu_dynamics(runtime, layout)
+        meta.update(overlap_curve_source="Hermes section V: >90 % at d=1, ~70 % at d=10, flat beyond ~25",
+                    plateau=PAPER_RELU_PLATEAU)
+        trace = two_scale_trace(runtime, layout, dyn["slow_share"], dyn["persistent_share"], dyn["persistence"],
+                                n_tokens, n_seqs, chain_seed, meta)
+    else:
+        trace = markov_trace(runtime, layout, n_tokens, n_seqs, token_overlap, chain_seed, meta)
     trace = add_followers(trace, plan) if plan.follower.any() else trace
     trace.offline_freqs = offline.astype(np.float32)
     trace.layer_parents = plan.parents
     return trace
 
 
-#: names accepted by ``--trace`` besides a file path
-TRACE_GENERATORS = ("skew", "relullama7b")
+#: names accepted by ``--trace`` besides a file path (and ``fitted:PARAMS.yaml``)
+TRACE_GENERATORS = ("skew", "relullama7b", "paper-relu")
+#: a trace source ``fitted:PATH`` generates from the fit in the YAML file PATH
+FITTED_PREFIX = "fitted:"
+
+
+def is_trace_generator(source: str) -> bool:
+    """True when ``source`` names a generator (rather than a trace file)."""
+    return source in TRACE_GENERATORS or source.startswith(FITTED_PREFIX)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .trace import ActivationTrace, NeuronLayout
+from .trace import ActivationTrace, NeuronLayout, overlap_counts
 
 
 def skew_figures(counts: np.ndarray) -> tuple[float, float]:
@@ -22,23 +22,37 @@ def skew_figures(counts: np.ndarray) -> tuple[float, float]:
     return top20, need80
 
 
-def overlap_curve(trace: ActivationTrace, max_distance: int = 50, max_layers: int = 4) -> np.ndarray:
+def overlap_curve(trace: ActivationTrace, max_distance: int = 50, max_layers: int | None = 4) -> np.ndarray:
     """(D,) mean fraction of token t's active neurons still active at t + d, d = 1..D.
 
-    Measured on up to ``max_layers`` evenly spaced layers of every sequence (dense, so the cost
-    stays small for large models)."""
+    Measured on up to ``max_layers`` evenly spaced layers (None: all) of every sequence (dense,
+    so the cost stays small for large models). Same computation as
+    :meth:`ActivationTrace.token_overlap` (:func:`ndpsched.trace.overlap_counts`)."""
+    hits, base = overlap_by_group(trace, max_distance, max_layers)[:2]
+    return hits.sum(axis=0) / np.maximum(base.sum(axis=0), 1)
+
+
+def overlap_by_group(trace: ActivationTrace, max_distance: int = 50,
+                     max_layers: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Overlap counts per (layer, kind) group, summed over sequences.
+
+    Returns:
+        hits, base: (G, D) float64 as in :func:`ndpsched.trace.overlap_counts`, G = 2 x the
+        layers measured (QKV then FFN of each); groups: (G,) their ids ``2 * layer + kind``.
+    """
     lay = trace.layout
-    layers = np.unique(np.linspace(0, lay.n_layers - 1, min(max_layers, lay.n_layers)).astype(int))
+    n = lay.n_layers if max_layers is None else min(max_layers, lay.n_layers)
+    layers = np.unique(np.linspace(0, lay.n_layers - 1, n).astype(int))
     cols = np.concatenate([np.arange(l * lay.per_layer, (l + 1) * lay.per_layer) for l in layers])
-    D = min(max_distance, trace.n_tokens - 1)
-    hits, base = np.zeros(D), np.zeros(D)
+    starts = (np.arange(len(layers))[:, None] * lay.per_layer + np.array([0, lay.d_qkv])[None, :]).ravel()
+    D = max(min(max_distance, trace.n_tokens - 1), 0)
+    hits, base = np.zeros((len(starts), D)), np.zeros((len(starts), D))
     for s in range(trace.n_seqs):
-        dense = _dense_columns(trace, s, cols)
-        for d in range(1, D + 1):
-            a, b = dense[:-d], dense[d:]
-            hits[d - 1] += (a & b).sum()
-            base[d - 1] += a.sum()
-    return hits / np.maximum(base, 1)
+        h, b = overlap_counts(_dense_columns(trace, s, cols), D, starts)
+        hits += h
+        base += b
+    groups = (layers[:, None] * 2 + np.array([0, 1])[None, :]).ravel()
+    return hits, base, groups
 
 
 def _dense_columns(trace: ActivationTrace, seq: int, cols: np.ndarray) -> np.ndarray:

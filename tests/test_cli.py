@@ -49,8 +49,12 @@ def test_simulate_with_trace_file_and_config(tmp_path):
 
 def test_bench_json_rows():
     out = json.loads(run("bench", "--models", "tiny", "--batches", "1,2", "--prompt-len", "8",
-                         "--gen-len", "16", "--json").stdout)
-    rows = out["rows"]
+                         "--gen-len", "16", "--env-preset", "tiny", "--env-episodes", "2", "--json").stdout)
+    env_rows = [r for r in out["rows"] if "env" in r]
+    rows = [r for r in out["rows"] if "env" not in r]
+    assert [r["env"] for r in env_rows] == ["ndpsched/DimmBalance-v0", "ndpsched/HotCold-v0", "ndpsched/Schedule-v0"]
+    for r in env_rows:
+        assert r["env_steps_per_s"] > 0 and r["sim_windows_per_s"] > 0 and r["model"] == "tiny"
     assert [(r["model"], r["batch"], r["system"]) for r in rows] == [
         ("tiny", 1, "hermes-offline"), ("tiny", 1, "hermes"), ("tiny", 2, "hermes-offline"), ("tiny", 2, "hermes")]
     for r in rows:

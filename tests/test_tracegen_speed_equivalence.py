@@ -234,3 +234,30 @@ def test_frequencies_match_the_per_layer_reference():
                 q_dst = (np.arange(width) + 0.5) / width
                 rows = np.stack([np.interp(q_dst, q_src, r) for r in np.sort(rows, axis=1)])
             assert np.array_equal(tg.resample_profile(counts, layout.n_layers, width), rows)
+
+
+def test_followers_copy_their_roots_exactly():
+    """add_followers (vectorised copy rounds + one merge sort) against a dense oracle."""
+    from ndpsched.layercorr import add_followers, plan_coupling
+
+    layout = NeuronLayout(5, 40, 120)
+    rng = np.random.default_rng(6)
+    freqs = rng.uniform(0.02, 0.5, layout.n_neurons)
+    # per-(layer, kind) shares, high enough for chains of followers over several layers
+    plan = plan_coupling(freqs, layout, np.tile([[0.8, 0.5]], (5, 1)), np.random.default_rng(1))
+    assert plan.follower[layout.per_layer:].mean() > 0.5 and not plan.follower[:layout.per_layer].any()
+    assert (plan.root[plan.follower] < layout.per_layer).any()          # some chains reach layer 0
+    runtime = freqs.copy()
+    runtime[plan.follower] = 0.0
+    base = tg.markov_trace(runtime, layout, 80, 3, token_overlap=0.7, seed=2)
+    out = add_followers(base, plan)
+    out.validate()
+    assert _sorted_within_tokens(out)
+    for s in range(3):
+        want = base.dense(s)
+        want[:, plan.follower] = want[:, plan.root[plan.follower]]
+        assert np.array_equal(out.dense(s), want)
+    # a scalar share draws the same followers as the same value per layer
+    a = plan_coupling(freqs, layout, 0.3, np.random.default_rng(4))
+    b = plan_coupling(freqs, layout, np.full(5, 0.3), np.random.default_rng(4))
+    assert np.array_equal(a.follower, b.follower) and np.array_equal(a.parents, b.parents)
