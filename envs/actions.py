@@ -14,6 +14,8 @@ import dataclasses
 import itertools
 from typing import Any
 
+import numpy as np
+
 from ndpsched.errors import ConfigError, unknown_name
 from ndpsched.registry import registry
 
@@ -89,3 +91,12 @@ class KnobGrid:
         if want not in self.settings[1:]:
             raise ConfigError(f"no action of {self.role} '{self.policy}' has {values}; knobs: {self.knobs}")
         return self.settings.index(want, 1)
+
+
+def role_mask(role: str, n_actions: int, n_dimms: int, gpu_has_neurons: bool) -> np.ndarray:
+    """Valid actions of a role: "no move" always; remaps need two DIMMs; promotions need neuron
+    copies on the GPU to swap with."""
+    mask = np.ones(n_actions, dtype=bool)
+    if (role == "balancer" and n_dimms < 2) or (role == "partition" and not gpu_has_neurons):
+        mask[1:] = False
+    return mask

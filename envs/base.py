@@ -24,8 +24,8 @@ from ndpsched.errors import ConfigError, unknown_name
 from ndpsched.run import build_simulator, load_trace
 from ndpsched.simulator import DecodeRun, WindowOutcome
 
-from .actions import KnobGrid
-from .observations import FEATURE_MAX, feature_names, window_features
+from .actions import KnobGrid, role_mask
+from .observations import FEATURE_MAX, ObservationStack, candidate_histogram, feature_names, window_features
 from .rewards import WindowReport, make_reward
 
 #: roles in the order their decisions are applied at a window boundary
@@ -147,12 +147,12 @@ class SchedulingEnv(gym.Env):
 
         J = self.sim.hw.n_dimms
         self.history = history
-        with_candidates = "partition" in self.controlled and hasattr(self.sim.partition, "candidate_state_histogram")
-        self.feature_names = feature_names(J, with_candidates)
+        self.with_candidates = "partition" in self.controlled and hasattr(self.sim.partition, "candidate_state_histogram")
+        self.feature_names = feature_names(J, self.with_candidates)
         n_feat = len(self.feature_names)
         self.observation_space = spaces.Box(0.0, FEATURE_MAX, shape=(history * n_feat,), dtype=np.float32)
         self.action_space = self._make_action_space()
-        self._hist = np.zeros((history, n_feat))
+        self._stack = ObservationStack(history, n_feat)
         self._run: DecodeRun | None = None
         self._reference_token_s = 1.0
         self._last_info: dict[str, Any] = {}
@@ -176,15 +176,8 @@ class SchedulingEnv(gym.Env):
         """Valid actions (sb3-contrib's MaskablePPO reads this): "no move" is always valid; moves
         between DIMMs need two DIMMs; promotions need a GPU budget. Concatenated over the roles of
         a MultiDiscrete space."""
-        masks = []
-        for role in self.controlled:
-            grid = self.grids[role]
-            m = np.ones(grid.n, dtype=bool)
-            if role == "balancer" and self.sim.hw.n_dimms < 2:
-                m[1:] = False
-            if role == "partition" and not self._initial.on_gpu.any():
-                m[1:] = False
-            masks.append(m)
+        masks = [role_mask(role, self.grids[role].n, self.sim.hw.n_dimms, bool(self._initial.on_gpu.any()))
+                 for role in self.controlled]
         return np.concatenate(masks)
 
     def heuristic_action(self) -> Any:
@@ -209,7 +202,7 @@ class SchedulingEnv(gym.Env):
         self._run = self.sim.start(seqs=seqs, initial=self._initial)
         out = self._run.next_window()
         self._reference_token_s = out.window_s / out.n_tokens
-        self._hist[:] = 0.0
+        self._stack.reset()
         moves = {"promoted": 0, "evicted": 0, "remapped": 0, "pcie_bytes": 0.0, "dimm_link_bytes": 0.0}
         obs = self._observe(out, moves)
         info = self._info(out, moves, energy_j=0.0, action=None)
@@ -255,13 +248,8 @@ class SchedulingEnv(gym.Env):
 
     # ---- observation and info ------------------------------------------------------------------------
     def _observe(self, out: WindowOutcome, moves: dict[str, float]) -> np.ndarray:
-        cand = None
-        if "partition" in self.controlled and hasattr(self.sim.partition, "candidate_state_histogram"):
-            cand = self.sim.partition.candidate_state_histogram(self._run.placement, out.t1 - 1)
-        feats = window_features(self._run, out, self._reference_token_s, moves, cand)
-        self._hist = np.roll(self._hist, -1, axis=0)
-        self._hist[-1] = feats
-        return np.clip(self._hist.reshape(-1), 0.0, FEATURE_MAX).astype(np.float32)
+        cand = candidate_histogram(self.sim.partition, self._run, out) if self.with_candidates else None
+        return self._stack.push(window_features(self._run, out, self._reference_token_s, moves, cand))
 
     def _info(self, out: WindowOutcome, moves: dict[str, float], energy_j: float, action) -> dict[str, Any]:
         info = {

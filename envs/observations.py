@@ -91,3 +91,28 @@ def _promotion_capacity(run: DecodeRun) -> float:
     cm, sim = run.sim.cost, run.sim
     per_layer_bytes = cm.projection_s(sim.batch) * cm.pcie_bw
     return float(per_layer_bytes / cm.neuron_bytes[1] * sim.model.n_layers)
+
+
+class ObservationStack:
+    """The last ``history`` windows' features, oldest first, clipped to ``[0, FEATURE_MAX]`` as
+    float32: what the environments return and what a trained policy reads inside the simulator."""
+
+    def __init__(self, history: int, n_features: int) -> None:
+        self._hist = np.zeros((history, n_features))
+
+    def reset(self) -> None:
+        self._hist[:] = 0.0
+
+    def push(self, features: np.ndarray) -> np.ndarray:
+        self._hist = np.roll(self._hist, -1, axis=0)
+        self._hist[-1] = features
+        return np.clip(self._hist.reshape(-1), 0.0, FEATURE_MAX).astype(np.float32)
+
+
+def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.ndarray | None:
+    """The promotion candidates' FSM-state histogram from a partition policy that keeps one
+    (``hermes.adjust``, or a learned policy wrapping it), else None."""
+    policy = getattr(partition, "base", partition)
+    if not hasattr(policy, "candidate_state_histogram"):
+        return None
+    return policy.candidate_state_histogram(run.placement, out.t1 - 1)

@@ -61,6 +61,16 @@ class NegativeLatency(Reward):
         return -report.token_s / report.reference_token_s
 
 
+@register_reward("latency_gain")
+class LatencyGain(Reward):
+    """``100 x (1 - token_latency / reference_latency)``: percent faster than the episode's offline
+    schedule. The same ordering of policies as ``latency``, centred on 0 and scaled to percent,
+    which suits value learning better than rewards near -1."""
+
+    def __call__(self, report: WindowReport) -> float:
+        return 100.0 * (1.0 - report.token_s / report.reference_token_s)
+
+
 @register_reward("latency_energy")
 class NegativeLatencyEnergy(Reward):
     """``-(token_latency + w * migration_energy_per_token) / reference_latency``.

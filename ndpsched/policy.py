@@ -95,10 +95,14 @@ class PartitionMoves:
 
 @dataclass
 class BalanceMoves:
-    """Online remap: neuron ``neurons[k]`` moves to DIMM ``dest[k]`` over DIMM-link."""
+    """Online remap: neuron ``neurons[k]`` moves to DIMM ``dest[k]`` over DIMM-link.
+
+    ``priced=False`` is for bounds only (the hindsight oracle): the moves take no DIMM-link time,
+    bytes or energy, so the result bounds what balancing alone can reach."""
 
     neurons: np.ndarray
     dest: np.ndarray
+    priced: bool = True
 
 
 class WindowActivity:
@@ -166,6 +170,9 @@ class Policy:
     uses_neuron_activity: ClassVar[bool] = False
     #: set True to receive every token's batch-union toggles through :meth:`observe`
     observes_tokens: ClassVar[bool] = False
+    #: parameter naming an artifact the policy loads (a trained model); such a policy is created
+    #: as ``"name:ARTIFACT"`` and cannot run from its defaults alone
+    artifact_param: ClassVar[str | None] = None
 
     def __init__(self, params: Any = None) -> None:
         if params is None and self.Params is not None:

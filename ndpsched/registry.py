@@ -55,9 +55,22 @@ class Registry:
         return sorted(self._classes)
 
     def create(self, name: str, params: Mapping[str, Any] | None = None, **kwargs: Any):
-        """Instantiate policy ``name`` with ``params`` checked against its ``Params`` dataclass."""
+        """Instantiate policy ``name`` with ``params`` checked against its ``Params`` dataclass.
+
+        ``"base:ARG"`` names a policy that loads an artifact (e.g. ``rl:runs/ppo``, a trained
+        model): ARG becomes its ``artifact_param`` parameter."""
+        params = dict(params or {})
+        load_plugins()
+        if name not in self._classes and ":" in name:
+            base, arg = name.split(":", 1)
+            cls = self.get(base)
+            if not getattr(cls, "artifact_param", None):
+                raise ConfigError(f"{self.role} policy '{base}' takes no 'NAME:ARGUMENT' form (only "
+                                  "policies that load an artifact do, e.g. 'rl:DIR')")
+            params[cls.artifact_param] = arg
+            name = base
         cls = self.get(name)
-        return cls(params=make_params(cls, params or {}, f"{self.role} policy '{name}'"), **kwargs)
+        return cls(params=make_params(cls, params, f"{self.role} policy '{name}'"), **kwargs)
 
     def __contains__(self, name: str) -> bool:
         load_plugins()

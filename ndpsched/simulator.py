@@ -332,6 +332,9 @@ class DecodeRun:
         self.total_buf = np.zeros((W, K))
         self.union_buf = self.total_buf if B == 1 else np.zeros((W, K))
         self.next_step = 0                  # decode step (0..G-1) the next window starts at
+        #: moves of the decision being made now / of the one made before the last window
+        self.decision = {"promoted": 0.0, "evicted": 0.0, "remapped": 0.0, "pcie_bytes": 0.0, "dimm_link_bytes": 0.0}
+        self.prior_decision = dict(self.decision)
         self.last: WindowOutcome | None = None
         self.bar = None
         if progress:
@@ -382,6 +385,9 @@ class DecodeRun:
         activity = WindowActivity(P + w0, P + w1, window_load, self.active if self.keep_active else None,
                                   toggles, scratch=self.scratch)
         self.last = WindowOutcome(P + w0, P + w1, cost, activity, float(per_dev[0]), float(per_dev.sum()))
+        # policies that observe the whole run (learned policies, hindsight oracles) reach it here
+        activity.run, activity.outcome = self, self.last
+        self.prior_decision, self.decision = self.decision, dict.fromkeys(self.decision, 0.0)
         return self.last
 
     def _advance_token(self, t: int, row: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -486,7 +492,10 @@ class DecodeRun:
         self.moves["promoted"] += len(promote)
         self.moves["evicted"] += len(evict)
         self.moved_bytes["pcie"] += float(copied.sum())
-        return {"promoted": len(promote), "evicted": len(evict), "pcie_bytes": float(copied.sum())}
+        out = {"promoted": len(promote), "evicted": len(evict), "pcie_bytes": float(copied.sum())}
+        for k, v in out.items():
+            self.decision[k] += v
+        return out
 
     def apply_balance(self, change: BalanceMoves | None, who: str | None = None) -> dict[str, float]:
         """Validate and apply a DIMM remap; its DIMM-link transfers are priced in the next window.
@@ -512,6 +521,10 @@ class DecodeRun:
             check_dimm_capacity(ctx, placement.home_dimm, who)   # names the DIMM
         cold = ~placement.on_gpu[idx]
         self._rekey(idx[cold], dest[cold].astype(np.int32) + 1)
+        self.moves["remapped"] += len(idx)
+        if not change.priced:                    # a bound's free moves (see BalanceMoves)
+            self.decision["remapped"] += len(idx)
+            return {"remapped": len(idx), "dimm_link_bytes": 0.0}
         # DIMM-link time per layer: the busiest DIMM port (sent or received bytes) bounds it
         J, L = ctx.n_dimms, ctx.model.n_layers
         layer = ctx.layer_of[idx]
@@ -520,9 +533,11 @@ class DecodeRun:
         port = np.maximum(sent, recv).max(axis=1)
         cost = self.sim.cost
         self.pending_link += np.where(port > 0, port / cost.link_bw + cost.link_lat_s, 0.0)
-        self.moves["remapped"] += len(idx)
         self.moved_bytes["dimm_link"] += float(moved.sum())
-        return {"remapped": len(idx), "dimm_link_bytes": float(moved.sum())}
+        out = {"remapped": len(idx), "dimm_link_bytes": float(moved.sum())}
+        for k, v in out.items():
+            self.decision[k] += v
+        return out
 
     def _rekey(self, idx: np.ndarray, new_dev: np.ndarray) -> None:
         """Move neurons ``idx`` to compute device ``new_dev`` and update the incremental counts."""

@@ -5,4 +5,4 @@ the same way, through the ``ndpsched.policies`` entry-point group.
 """
 from __future__ import annotations
 
-from . import balancer, partition, predictor  # noqa: F401  (import registers the policies)
+from . import balancer, partition, predictor, rl  # noqa: F401  (import registers the policies)

@@ -228,3 +228,54 @@ class GreedyLPT(WindowRebalancer):
         new_home[order] = dest
         moved = new_home != home
         return BalanceMoves(ids[moved], new_home[moved]) if moved.any() else None
+
+
+@register_policy("balancer", "oracle.lpt")
+class HindsightLPT(GreedyLPT):
+    """Hindsight oracle, the upper bound of balancing: at every window end it knows the *next*
+    window's true activity and re-assigns, per stage, the cold neurons that will fire by
+    longest-processing-time first, so the next window is as balanced as LPT can make it, and
+    its remaps are free (no DIMM-link time, bytes or energy; ``BalanceMoves.priced=False``).
+    Needs the run (``window.run``) and the trace; ``tolerance`` is unused (every stage with
+    future work is re-assigned).
+    """
+
+    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+        run = getattr(window, "run", None)
+        ctx = self.ctx
+        if run is None or ctx.n_dimms < 2:
+            return None
+        counts = _future_counts(run, window.t1)
+        fired = np.flatnonzero((counts > 0) & ~placement.on_gpu)
+        if len(fired) == 0:
+            return None
+        J, n_groups = ctx.n_dimms, ctx.layout.n_groups
+        home = placement.home_dimm[fired].astype(np.int64)
+        group = ctx.group_of[fired].astype(np.int64)
+        load = np.zeros((n_groups, J + 1))
+        load[:, 1:] = np.bincount(group * J + home, weights=counts[fired], minlength=n_groups * J).reshape(n_groups, J)
+        groups = np.flatnonzero(load[:, 1:].sum(axis=1) > 0)
+        future = WindowActivity(window.t1, window.t1, load, None, [])
+        moves = self._rebalance(future, groups, fired, home, counts[fired])
+        return None if moves is None else BalanceMoves(moves.neurons, moves.dest, priced=False)
+
+
+def _future_counts(run, t1: int) -> np.ndarray:
+    """(N,) active-token counts of the batch over the window starting at token ``t1`` (true
+    activity, from the trace)."""
+    sim = run.sim
+    t2 = min(t1 + sim.window_tokens, sim.prompt_len + sim.gen_len)
+    if t2 <= t1:
+        return np.zeros(sim.layout.n_neurons, dtype=np.int64)
+    if all(p.passthrough for p in run.predictors) and run.keep_active:
+        now = run.active.astype(np.int64)            # the computed set is the true set
+    else:
+        now = sum(sim.trace.active(s, t1 - 1).astype(np.int64) for s in run.seqs)
+    counts = (t2 - t1) * now
+    trace = sim.trace
+    for s in run.seqs:
+        for t in range(t1, t2):
+            weight = t2 - t                           # tokens in [t, t2) the toggle affects
+            counts[trace.on(s, t)] += weight
+            counts[trace.off(s, t)] -= weight
+    return counts

@@ -86,7 +86,21 @@ def test_entry_point_plugins_load_lazily(monkeypatch, tmp_path):
 
 
 def _all(role):
-    return [(role, name) for name in registry(role).names() if not name.startswith("test.")]
+    """Every registered policy that runs from its defaults; policies that load an artifact (a
+    trained model, ``rl:DIR``) are checked with one in tests/test_train.py."""
+    return [(role, name) for name in registry(role).names()
+            if not name.startswith("test.") and not registry(role).get(name).artifact_param]
+
+
+def test_artifact_policies_refuse_to_run_without_their_artifact(tiny_model, tiny_hw, tiny_trace):
+    from ndpsched.errors import ConfigError
+
+    for role in ("partition", "balancer"):
+        with pytest.raises(ConfigError, match="rl:DIR"):
+            policy = registry(role).create("rl")
+            policy.reset(make_ctx(tiny_model, tiny_hw, tiny_trace, seed=0))
+        with pytest.raises(ConfigError, match="takes no 'NAME:ARGUMENT' form"):
+            registry(role).create("random:x")
 
 
 @pytest.mark.parametrize("role,name", _all("partition"))
