@@ -135,6 +135,10 @@ def evaluate(agent: Agent, env_id: str = "ndpsched/DimmBalance-v0", n_episodes: 
         env = gym.make(env_id, **kwargs)
     if hasattr(agent, "bind"):
         agent.bind(env)
+    trained_space = getattr(agent, "observation_space", None)
+    if trained_space is not None and trained_space.shape != env.observation_space.shape:
+        raise ConfigError(f"the policy was trained on observations of shape {trained_space.shape}, this env "
+                          f"gives {env.observation_space.shape} (same DIMM count and history needed)")
     masked = type(agent).__name__ == "MaskablePPO"
     per: dict[str, list[float]] = {k: [] for k in ("tokens_per_s", "return", "dimm_imbalance",
                                                    "bytes_migrated", "remapped", "promoted")}

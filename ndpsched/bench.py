@@ -12,7 +12,7 @@ from .tracegen import synthetic_trace
 
 def run_bench(models: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 128,
               systems: tuple[str, ...] = ("hermes-offline", "hermes"), seed: int = 0,
-              progress: bool = False) -> list[dict[str, Any]]:
+              progress: bool = False, gpu: str = "rtx4090", gpu_profile: str | None = None) -> list[dict[str, Any]]:
     """One row per (model, batch).
 
     ``sim_tokens_per_s`` = generated tokens / wall time of the decode loop; the modelled machine's
@@ -21,6 +21,7 @@ def run_bench(models: list[str], batches: list[int], prompt_len: int = 128, gen_
     once per model (with the largest batch's sequences) and its cost reported as ``trace_gen_s``.
     One row per (model, batch, system): ``hermes-offline`` (offline ILP, static mapping) exercises
     the execution model alone; ``hermes`` adds the online predictor, adjustment and remapping.
+    ``gpu`` and ``gpu_profile`` choose the GPU preset and its measured profile (see RunConfig).
     """
     rows = []
     for name in models:
@@ -30,7 +31,8 @@ def run_bench(models: list[str], batches: list[int], prompt_len: int = 128, gen_
         gen_s = time.perf_counter() - t0
         for batch in batches:
             for system in systems:
-                cfg = RunConfig(system=system, model=name, batch=batch, prompt_len=prompt_len, gen_len=gen_len, seed=seed)
+                cfg = RunConfig(system=system, model=name, batch=batch, prompt_len=prompt_len, gen_len=gen_len, seed=seed,
+                                gpu=gpu, gpu_profile=gpu_profile)
                 sub = trace if trace.n_seqs == batch else trace.sequences(range(batch))
                 r = simulate(cfg, trace=sub, progress=progress)
                 tokens = gen_len * batch

@@ -337,6 +337,59 @@ def cmd_trace_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- train / evaluate ---------------------------------------------------------------------------
+def _env_kwargs(args: argparse.Namespace) -> dict:
+    """Env keyword arguments from --preset and --env-arg KEY=VALUE flags."""
+    from .config import _split
+
+    kw = {"preset": args.preset} if args.preset else {}
+    for item in args.env_arg:
+        key, value = _split(item)
+        kw[key] = value
+    return kw
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import load_train_config, parse_seeds, train_policy, train_seeds
+
+    hp = load_train_config(args.config) if args.config else {}
+    kw = {**hp.pop("env_kwargs", {}), **_env_kwargs(args)}
+    if args.n_envs:
+        hp["n_envs"] = args.n_envs
+    common = dict(timesteps=args.timesteps, hyperparams=hp, env_kwargs=kw, eval_every=args.eval_every,
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, n_eval_episodes=args.eval_episodes)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    out = args.out or f"runs/{args.env.split('/')[-1]}-{args.algo}"
+    if len(seeds) == 1 and args.seeds is None:
+        results = [train_policy(args.env, args.algo, seed=seeds[0], out_dir=out,
+                                progress=args.progress, **common)]
+    else:
+        results = train_seeds(seeds, args.env, args.algo, out_dir=out, address=args.address,
+                              num_cpus=args.workers, **common)
+    for r in results:
+        note = " (stopped early)" if r.stopped_early else ""
+        print(f"seed {r.seed}: {r.timesteps} steps in {r.wall_s:.1f} s, validation return {r.score:.4f}{note} -> {r.out_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .leaderboard import markdown_table, parse_test_sets, run_leaderboard
+
+    sets = parse_test_sets(args.models, args.traces, args.trace_seed)
+    if not sets:
+        raise ConfigError("give at least one --models and one --traces entry")
+    rows = run_leaderboard(args.env, [p for p in args.policies.split(",") if p], sets, episodes=args.episodes,
+                           reference=args.reference, env_kwargs=_env_kwargs(args), out_dir=args.out,
+                           progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=2))
+    else:
+        print(markdown_table(rows, args.reference))
+        if args.out:
+            print(f"\nwrote {args.out}/leaderboard.csv and {args.out}/leaderboard.md")
+    return 0
+
+
 # ---- list -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     from .presets import gpu_names, model_names
@@ -493,10 +546,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("train", help="train an RL scheduler with Stable-Baselines3 (extra 'rl'; Ray for --seeds)")
+    p.add_argument("--env", default="ndpsched/DimmBalance-v0", help="environment id")
+    p.add_argument("--algo", default="ppo", help="ppo, a2c, dqn (Discrete actions) or maskable_ppo")
+    p.add_argument("--timesteps", type=int, default=20000, help="environment steps (windows) of training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="train one run per seed as Ray tasks, e.g. 0-7 or 1,3,5")
+    p.add_argument("--config", help="YAML of hyperparameters (updates the shipped defaults; may hold env_kwargs)")
+    p.add_argument("--out", help="output directory (default runs/ENV-ALGO; seed_N below it for --seeds)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--checkpoint-every", type=int, default=10000, help="steps between checkpoints (0: none)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation evaluations")
+    p.add_argument("--eval-episodes", type=int, default=4, help="validation episodes per evaluation")
+    p.add_argument("--n-envs", type=int, help="parallel environments (default: the hyperparameter file's)")
+    p.add_argument("--preset", help="env preset, e.g. tiny")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment argument, e.g. model=llama2-70b, dimms=8 (repeatable)")
+    p.add_argument("--address", help="Ray cluster address for --seeds (default: local Ray)")
+    p.add_argument("--workers", type=int, help="local Ray CPUs for --seeds (default: all)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="leaderboard of heuristic, learned and oracle schedulers on held-out traces")
+    p.add_argument("--env", default="ndpsched/DimmBalance-v0")
+    p.add_argument("--policies", default="hermes,no-move,random,oracle",
+                   help="comma-separated: hermes, no-move, random, oracle, a registered policy of the "
+                        "controlled role, or rl:DIR")
+    p.add_argument("--models", default="relullama-7b", help="comma-separated models of the test sets")
+    p.add_argument("--traces", default="skew,relullama7b", help="comma-separated trace sources of the test sets")
+    p.add_argument("--trace-seed", type=int, default=1000, help="held-out trace pool seed (training uses 0, validation 100)")
+    p.add_argument("--episodes", type=int, default=5)
+    p.add_argument("--reference", default="hermes", help="policy the margins are measured against")
+    p.add_argument("--preset", help="env preset, e.g. tiny")
+    p.add_argument("--env-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="directory for leaderboard.csv and leaderboard.md")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("list", help="list presets, policies and systems")
     p.add_argument("what", nargs="?", default="all", choices=["all", "models", "gpus", "policies", "systems"])
     p.set_defaults(func=cmd_list)
     return parser
+
+
+#: optional dependencies -> the pyproject extra that installs them
+OPTIONAL_MODULES = {"gymnasium": "rl", "stable_baselines3": "rl", "sb3_contrib": "rl", "torch": "rl",
+                    "tensorboard": "rl", "ray": "sweep", "optuna": "sweep", "matplotlib": "plot",
+                    "transformers": "trace", "gguf": "trace", "accelerate": "trace"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ndpsched: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in OPTIONAL_MODULES:
+            print(f"ndpsched: error: this command needs '{exc.name}', from the extra "
+                  f"'{OPTIONAL_MODULES[exc.name.split('.')[0]]}' (scripts/setup.sh dev,rl,sweep,trace)", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ NDP time = max(weight bytes / internal bandwidth, MACs / MAC rate) + an issue ov
 Batch: weight bytes come from the *union* of the batch's active neurons (each weight is read
 once per step), compute from the *sum* (every sequence multiplies it).
 
+With a measured GPU profile (``GpuSpec.profile``, ``ndpsched calibrate gpu``), the GPU kernels
+(sparse QKV and FFN, W_o, LM head, prefill) and the PCIe copies are priced from its interpolated
+tables inside their measured range, and by the roofline above outside it (``ndpsched.gpuprofile``).
+
 All functions are vectorized over layers. Inputs are per (layer, kind) *group* counts:
 ``union, total: (2L, J+1)`` active neurons per group and device (device 0 = GPU, 1+j = DIMM j),
 group ``2*layer + kind`` with kind 0 = QKV, 1 = FFN.
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import unknown_name
+from .gpuprofile import PREFILL_PROMPT_TOKENS, profile_for
 from .hardware import GB, HardwareSpec, check_non_negative_fields
 from .models import ModelSpec
 
@@ -120,6 +125,8 @@ class CostModel:
         self.link_lat_s = hw.dimm_link.latency_us * 1e-6
         self.pcie_bw = hw.pcie.bw_gbps * GB
         self._attn_share = self._attention_share()
+        #: measured GPU tables (None: roofline only); checked against the GPU preset
+        self.profile = profile_for(g)
 
     # ---- pieces -------------------------------------------------------------------------------
     def _attention_share(self) -> float:
@@ -142,9 +149,20 @@ class CostModel:
     def projection_s(self, batch: int) -> float:
         """Dense W_o GEMV/GEMM on the GPU, with its two syncs (input from, output to the DIMMs)."""
         m = self.model
-        t = max(m.proj_bytes_per_layer / self.gpu_dense_bw,
-                2.0 * m.d_model * m.d_model * batch / self.gpu_flops)
-        return t + self.params.gpu_kernels_proj * self.kernel_s + 2 * self.sync_s
+        gemv = self._dense_gemv_s(m.proj_bytes_per_layer, 2.0 * m.d_model * m.d_model * batch, batch)
+        return gemv + (self.params.gpu_kernels_proj - 1) * self.kernel_s + 2 * self.sync_s
+
+    def _dense_gemv_s(self, nbytes: float, flops: float, batch: int) -> float:
+        """One dense GEMV/GEMM kernel: measured where the profile covers it, else the roofline."""
+        t = max(nbytes / self.gpu_dense_bw, flops / self.gpu_flops) + self.kernel_s
+        if self.profile is not None:
+            t = float(self.profile.lookup_s("dense_gemv", nbytes, batch, t))
+        return t
+
+    def pcie_s(self, nbytes):
+        """Host->GPU copy time of ``nbytes`` (any shape): measured h2d table, else bytes / PCIe bandwidth."""
+        t = np.asarray(nbytes, dtype=np.float64) / self.pcie_bw
+        return t if self.profile is None else self.profile.lookup_s("h2d", nbytes, 1.0, t)
 
     def attention_s(self, kv_len, batch: int):
         """Decode attention of one layer on the busiest DIMM over ``kv_len`` cached tokens.
@@ -160,8 +178,7 @@ class CostModel:
     def lm_head_s(self, batch: int) -> float:
         m = self.model
         if self.params.lm_head_on_gpu:
-            t = max(m.lm_head_bytes / self.gpu_dense_bw, 2.0 * m.vocab_size * m.d_model * batch / self.gpu_flops)
-            return t + self.kernel_s + self.sync_s
+            return self._dense_gemv_s(m.lm_head_bytes, 2.0 * m.vocab_size * m.d_model * batch, batch) + self.sync_s
         # on the DIMMs, vocabulary rows split evenly
         return m.lm_head_bytes / (self.dimm_bw * self.n_dimms) + self.ndp_issue_s
 
@@ -182,7 +199,14 @@ class CostModel:
         busy = u_gpu > 0
         gpu_compute = np.maximum(u_gpu * (self.neuron_bytes / self.gpu_sparse_bw),
                                  s_gpu * (2.0 * self.neuron_macs / self.gpu_flops))
-        gpu_compute = np.where(busy, gpu_compute + self.gpu_kernels * self.kernel_s, 0.0)
+        gpu_compute = gpu_compute + self.gpu_kernels * self.kernel_s
+        if self.profile is not None:
+            # measured gathered-row kernels, keyed by the bytes read and the sequences per active row
+            x = u_gpu * self.neuron_bytes
+            b = s_gpu / np.maximum(u_gpu, 1.0)
+            gpu_compute = np.stack([self.profile.lookup_s("gather_gemv", x[..., 0], b[..., 0], gpu_compute[..., 0]),
+                                    self.profile.lookup_s("sparse_ffn", x[..., 1], b[..., 1], gpu_compute[..., 1])], -1)
+        gpu_compute = np.where(busy, gpu_compute, 0.0)
         gpu_sync = np.where(busy, 2 * self.sync_s, 0.0)
         dimm = np.maximum(u[..., 1:] * (self.neuron_bytes / self.dimm_bw)[:, None],
                           s[..., 1:] * (self.neuron_macs / self.ndp_macs)[:, None])
@@ -218,7 +242,7 @@ class CostModel:
         proj = self.projection_s(batch)
         exposed = np.zeros((T, L))
         if migration_pcie_bytes is not None or migration_link_s is not None:
-            pcie_s = np.zeros(L) if migration_pcie_bytes is None else migration_pcie_bytes / self.pcie_bw
+            pcie_s = np.zeros(L) if migration_pcie_bytes is None else self.pcie_s(migration_pcie_bytes)
             link_s = np.zeros(L) if migration_link_s is None else migration_link_s
             exposed[0] = np.maximum(0.0, np.maximum(pcie_s, link_s) - proj)
         layer = stage.sum(axis=-1) + (merge + proj) + attn[:, None] + exposed
@@ -260,11 +284,14 @@ class CostModel:
         """
         m = self.model
         tokens = prompt_len * batch
-        stream = m.sparse_bytes_per_layer / self.pcie_bw
+        stream = float(self.pcie_s(m.sparse_bytes_per_layer))
         dense_flops = 2.0 * tokens * m.n_params_per_layer
         # causal attention: QK^T and PV over on average prompt_len / 2 keys
         attn_flops = 2.0 * 2 * batch * m.n_heads * m.head_dim * prompt_len * prompt_len / 2
         compute = (dense_flops + attn_flops) / self.gpu_flops + 6 * self.kernel_s
+        if self.profile is not None and prompt_len == PREFILL_PROMPT_TOKENS and m.weight_bytes == 2:
+            # measured fp16 layer over `batch` prompts of 128 tokens (the table's only prompt length)
+            compute = float(self.profile.lookup_s("prefill", m.n_params_per_layer * 2, batch, compute))
         per_layer = max(stream, compute) if self.params.prefill_overlap else stream + compute
         lm = self.lm_head_s(batch)
         return {

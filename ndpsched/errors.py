@@ -41,3 +41,7 @@ def unknown_name(kind: str, name: str, valid: Iterable[str]) -> UnknownNameError
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return UnknownNameError(f"unknown {kind} '{name}'.{hint} Valid: {', '.join(valid)}")
+
+
+class ProfileError(NdpschedError, ValueError):
+    """A measured GPU profile is missing, corrupt, of another schema, or for another GPU."""

@@ -50,6 +50,10 @@ class GpuSpec:
     reserved_bytes: float = 1.5e9
     price_usd: float = 0.0
     source: str = ""
+    #: measured profile (``ndpsched calibrate gpu``): a file shipped under ``ndpsched/data/`` or a
+    #: path; when set, the cost model prices GPU kernels from its tables inside their measured
+    #: range and from this roofline outside it. Empty: roofline only.
+    profile: str = ""
 
     def __post_init__(self) -> None:
         _check_positive(self, "memory_bytes", "memory_bw_gbps", "fp16_tflops")

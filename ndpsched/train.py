@@ -137,7 +137,6 @@ def train_policy(env_id: str, algo: str, *, timesteps: int, seed: int, hyperpara
     normalize = hp.pop("normalize", False)
     policy = hp.pop("policy", "MlpPolicy")
     kw = {"trace_seed": TRAIN_TRACE_SEED, **hp.pop("env_kwargs", {}), **(env_kwargs or {})}
-    _check_hyperparams(cls, hp, algo)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"{env_id.split('/')[-1]}-{algo}-s{seed}"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -148,6 +147,7 @@ def train_policy(env_id: str, algo: str, *, timesteps: int, seed: int, hyperpara
     if algo == "dqn" and not isinstance(venv.action_space, gym.spaces.Discrete):
         raise ConfigError(f"DQN needs a Discrete action space; {env_id} has {venv.action_space} "
                           "(use ppo, a2c or maskable_ppo)")
+    _check_hyperparams(cls, hp, algo)
     if normalize:
         opts = {} if normalize is True else dict(normalize)
         venv = VecNormalize(venv, gamma=hp.get("gamma", 0.99), **opts)
