@@ -357,7 +357,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.n_envs:
         hp["n_envs"] = args.n_envs
     common = dict(timesteps=args.timesteps, hyperparams=hp, env_kwargs=kw, eval_every=args.eval_every,
-                  checkpoint_every=args.checkpoint_every, resume=args.resume, n_eval_episodes=args.eval_episodes)
+                  checkpoint_every=args.checkpoint_every, resume=args.resume, n_eval_episodes=args.eval_episodes,
+                  tensorboard=args.tensorboard)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
     out = args.out or f"runs/{args.env.split('/')[-1]}-{args.algo}"
     if len(seeds) == 1 and args.seeds is None:
@@ -565,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address for --seeds (default: local Ray)")
     p.add_argument("--workers", type=int, help="local Ray CPUs for --seeds (default: all)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="TensorBoard logs under OUT/tb (needs tensorboard)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="leaderboard of heuristic, learned and oracle schedulers on held-out traces")
