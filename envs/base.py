@@ -47,13 +47,21 @@ ENV_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @functools.lru_cache(maxsize=4)
-def _pool_trace(cfg_yaml: str, n_seqs: int, trace_seed: int):
-    """The episode pool's trace, shared by the envs of one process (vector envs in sync mode)."""
+def _pool_trace(trace_key: str, n_seqs: int, trace_seed: int):
+    """The episode pool's trace, shared by the envs of one process (vector envs in sync mode,
+    every policy of a leaderboard): keyed by what the trace depends on, not by the policies."""
     import yaml
 
-    cfg = RunConfig.from_dict(yaml.safe_load(cfg_yaml))
-    pool_cfg = dataclasses.replace(cfg, batch=n_seqs, seed=trace_seed)
-    return load_trace(pool_cfg, cfg.load_model())
+    fields = yaml.safe_load(trace_key)
+    cfg = RunConfig.from_dict({**fields, "batch": n_seqs, "seed": trace_seed})
+    return load_trace(cfg, cfg.load_model())
+
+
+def _trace_key(cfg: RunConfig) -> str:
+    import yaml
+
+    keys = ("model", "weight_dtype", "kv_dtype", "prompt_len", "gen_len", "trace")
+    return yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k in keys})
 
 
 class SchedulingEnv(gym.Env):
@@ -134,9 +142,7 @@ class SchedulingEnv(gym.Env):
         if Path(str(trace)).suffix == ".npz":
             pool = load_trace(cfg, cfg.load_model())
         else:
-            import yaml
-
-            pool = _pool_trace(yaml.safe_dump(cfg.to_dict()), trace_seqs, trace_seed)
+            pool = _pool_trace(_trace_key(cfg), trace_seqs, trace_seed)
         if pool.n_seqs < batch:
             raise ConfigError(f"trace '{trace}' has {pool.n_seqs} sequences, batch {batch} needs {batch}")
         self.pool_size = pool.n_seqs

@@ -366,7 +366,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 progress=args.progress, **common)]
     else:
         results = train_seeds(seeds, args.env, args.algo, out_dir=out, address=args.address,
-                              num_cpus=args.workers, **common)
+                              num_cpus=args.workers, show_progress=args.progress, **common)
     for r in results:
         note = " (stopped early)" if r.stopped_early else ""
         print(f"seed {r.seed}: {r.timesteps} steps in {r.wall_s:.1f} s, validation return {r.score:.4f}{note} -> {r.out_dir}")

@@ -82,6 +82,8 @@ def run_leaderboard(env_id: str, policies: list[str], test_sets: list[TestSet], 
 
     if reference not in policies:
         policies = [reference, *policies]
+    groups = {spec: expand_seeds(spec) for spec in policies}
+    policies = [one for spec in policies for one in groups[spec]]
     rows: list[dict[str, Any]] = []
     jobs = [(ts, p) for ts in test_sets for p in policies]
     bar = None
@@ -113,18 +115,67 @@ def run_leaderboard(env_id: str, policies: list[str], test_sets: list[TestSet], 
                 f"vs_{reference}_ci95_pct": 100.0 * ci95_half_width(gain),
                 "of_best_pct": 100.0 * res["tokens_per_s"] / best_tps,
                 "dimm_imbalance": res["dimm_imbalance"], "bytes_migrated": res["bytes_migrated"],
-                "return": res["return"], "episodes": episodes,
+                "return": res["return"], "episodes": episodes, "kind": "policy",
             })
+        for spec, members in groups.items():
+            if len(members) > 1:
+                rows.extend(_seed_rows(spec, members, ts, results, ref, reference, episodes))
     if out_dir is not None:
         write_leaderboard(rows, Path(out_dir), reference)
     return rows
+
+
+def expand_seeds(spec: str) -> list[str]:
+    """``rl:DIR`` where DIR holds ``seed_*`` runs (``ndpsched train --seeds``) -> one spec per seed."""
+    if not spec.startswith("rl:"):
+        return [spec]
+    root = Path(spec[3:])
+    seeds = sorted((p for p in root.glob("seed_*") if (p / "policy.yaml").is_file()),
+                   key=lambda p: int(p.name.split("_")[1]) if p.name.split("_")[1].isdigit() else 0)
+    if (root / "policy.yaml").is_file() or not seeds:
+        return [spec]
+    return [f"rl:{p}" for p in seeds]
+
+
+def _seed_rows(spec, members, ts, results, ref, reference, episodes) -> list[dict[str, Any]]:
+    """Rows summarising a multi-seed run: mean over seeds with the 95 % interval over seeds, and
+    the seed with the best *validation* return (chosen without looking at held-out traces)."""
+    import yaml
+
+    from .envs.evaluate import ci95_half_width
+
+    per_seed_tps = np.array([results[(ts.label, m)]["tokens_per_s"] for m in members])
+    per_seed_gain = np.array([np.mean(np.asarray(results[(ts.label, m)]["per_episode"]["tokens_per_s"]) / ref - 1.0)
+                              for m in members])
+    best = max(members, key=lambda m: yaml.safe_load(Path(m[3:], "policy.yaml").read_text()).get("validation_return", -np.inf))
+    out = []
+    for label, chosen in ((f"{spec} ({len(members)} seeds)", members), (f"{spec} (best validation: {Path(best[3:]).name})", [best])):
+        idx = [members.index(m) for m in chosen]
+        res = [results[(ts.label, m)] for m in chosen]
+        out.append({
+            "test_set": ts.label, "policy": label,
+            "tokens_per_s": float(per_seed_tps[idx].mean()),
+            "tokens_per_s_ci95": ci95_half_width(per_seed_tps[idx]) if len(idx) > 1 else res[0]["tokens_per_s_ci95"],
+            f"vs_{reference}_pct": 100.0 * float(per_seed_gain[idx].mean()),
+            f"vs_{reference}_ci95_pct": 100.0 * (ci95_half_width(per_seed_gain[idx]) if len(idx) > 1 else ci95_half_width(
+                np.asarray(res[0]["per_episode"]["tokens_per_s"]) / ref - 1.0)),
+            "of_best_pct": float("nan"),
+            "dimm_imbalance": float(np.mean([r["dimm_imbalance"] for r in res])),
+            "bytes_migrated": float(np.mean([r["bytes_migrated"] for r in res])),
+            "return": float(np.mean([r["return"] for r in res])), "episodes": episodes,
+            "kind": "seeds" if len(idx) > 1 else "best-validation-seed",
+        })
+    return out
 
 
 def markdown_table(rows: list[dict[str, Any]], reference: str = "hermes") -> str:
     head = ("| test set | policy | tokens/s | vs " + reference + " | DIMM imbalance | bytes migrated | return |\n"
             "|---|---|---|---|---|---|---|")
     lines = [head]
+    summarised = any(r["kind"] == "seeds" for r in rows)
     for r in rows:
+        if summarised and r["kind"] == "policy" and r["policy"].startswith("rl:") and "/seed_" in r["policy"]:
+            continue                          # per-seed rows stay in the CSV; the table shows the summary
         lines.append(
             f"| {r['test_set']} | {r['policy']} | {r['tokens_per_s']:.2f} ± {r['tokens_per_s_ci95']:.2f} | "
             f"{r[f'vs_{reference}_pct']:+.2f}% ± {r[f'vs_{reference}_ci95_pct']:.2f} | {r['dimm_imbalance']:.4f} | "

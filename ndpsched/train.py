@@ -263,7 +263,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def train_seeds(seeds: list[int], env_id: str, algo: str, *, out_dir: str | Path, address: str | None = None,
-                num_cpus: int | None = None, **kwargs: Any) -> list[TrainResult]:
+                num_cpus: int | None = None, show_progress: bool = True, **kwargs: Any) -> list[TrainResult]:
     """One training run per seed as Ray tasks (local Ray by default, a cluster with ``address``);
     run ``s`` writes ``out_dir/seed_s``. A task whose worker dies is retried once."""
     import ray
@@ -283,7 +283,8 @@ def train_seeds(seeds: list[int], env_id: str, algo: str, *, out_dir: str | Path
     from tqdm import tqdm
 
     results = []
-    with tqdm(total=len(refs), desc=f"train {algo} x {len(refs)} seeds", unit="run", leave=False) as bar:
+    with tqdm(total=len(refs), desc=f"train {algo} x {len(refs)} seeds", unit="run", leave=False,
+              disable=not show_progress) as bar:
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
