@@ -92,10 +92,30 @@ def save_artifact(out_dir: str | Path, model, vecnormalize, meta: dict[str, Any]
     return out
 
 
+#: trained schedulers shipped in the package, usable by name (``rl:dimm-balance-ppo``)
+SHIPPED_DIR = Path(__file__).parent / "data" / "trained"
+
+
+def resolve(path: str | Path) -> Path:
+    """A directory, or the name of a scheduler shipped with ndpsched."""
+    root = Path(path)
+    if not root.is_dir() and (SHIPPED_DIR / str(path)).is_dir():
+        return SHIPPED_DIR / str(path)
+    return root
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / META_FILE).is_file()) if SHIPPED_DIR.is_dir() else []
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The artifact's ``policy.yaml``, or a one-line error naming what is missing."""
-    root = Path(path)
+    root = resolve(path)
     if not root.is_dir():
+        from .errors import unknown_name
+
+        if not any(sep in str(path) for sep in "/\\") and shipped_names():
+            raise unknown_name("trained scheduler (a directory or a shipped name)", str(path), shipped_names())
         raise ConfigError(f"trained scheduler '{path}' is not a directory (expected the --out of ndpsched train)")
     meta_path = root / META_FILE
     if not meta_path.is_file() or not (root / MODEL_FILE).is_file():
@@ -113,7 +133,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 def load_artifact(path: str | Path) -> TrainedScheduler:
     """Load a trained scheduler on CPU."""
     meta = read_meta(path)
-    root = Path(path)
+    root = resolve(path)
     cls = algorithm_class(meta["algo"])
     try:
         model = cls.load(root / MODEL_FILE, device="cpu")
