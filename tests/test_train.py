@@ -226,3 +226,18 @@ def test_seeds_train_in_parallel_with_ray(tmp_path):
                           timesteps=128, hyperparams=SMALL_HP, env_kwargs=TINY, tensorboard=False)
     assert [r.seed for r in results] == [0, 1]
     assert all((tmp_path / "multi" / f"seed_{s}" / "model.zip").is_file() for s in (0, 1))
+
+
+def test_shipped_schedulers_load_by_name_and_run():
+    """The trained models in ndpsched/data/trained run as policies by name, on another model."""
+    from ndpsched.artifact import shipped_names
+    from ndpsched.config import RunConfig
+    from ndpsched.run import simulate
+
+    assert {"dimm-balance-ppo", "hot-cold-ppo"} <= set(shipped_names())
+    cfg = RunConfig(model="smollm2-135m", system="hermes", predictor="oracle", balancer="rl:dimm-balance-ppo",
+                    partition="rl:hot-cold-ppo", prompt_len=16, gen_len=20)
+    result = simulate(cfg)
+    assert result.tokens_per_s > 0
+    assert result.config["balancer"]["trained"]["env_id"] == "ndpsched/DimmBalance-v0"
+    assert result.config["partition"]["base"]["name"] == "hermes.adjust"
