@@ -18,12 +18,8 @@ def _bare_windows(sim, seqs_list, initial) -> tuple[int, float]:
     t0 = time.perf_counter()
     windows = 0
     for seqs in seqs_list:
-        run = sim.start(seqs=seqs, initial=initial)
-        while not run.done:
-            run.next_window()
-            windows += 1
-            if not run.done:
-                run.apply_policies()
+        result = sim.run(seqs=seqs, initial=initial)
+        windows += -(-len(result.token_s) // sim.window_tokens)
     return windows, time.perf_counter() - t0
 
 

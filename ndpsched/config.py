@@ -133,16 +133,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(load_yaml_mapping(path, "config file"))
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "RunConfig":
         """Apply dotted ``key=value`` overrides (values parsed as YAML scalars)."""
@@ -151,6 +142,20 @@ class RunConfig:
         for dotted, value in items:
             set_dotted(data, dotted, value)
         return RunConfig.from_dict(data)
+
+
+def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping, or a one-line ConfigError naming ``what`` is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} '{path}' must hold a mapping of keys, got {type(data).__name__}")
+    return data
 
 
 def _split(text: str) -> tuple[str, Any]:

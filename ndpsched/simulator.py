@@ -217,9 +217,11 @@ class Simulator:
             self.seqs = self._check_seqs(seqs, self.batch, self.trace)
         return DecodeRun(self, progress=progress, initial=initial)
 
-    def run(self, progress: bool = False) -> SimResult:
-        """Simulate the whole generation, the policies deciding at every window boundary."""
-        run = self.start(progress=progress)
+    def run(self, progress: bool = False, seqs: list[int] | tuple[int, ...] | None = None,
+            initial: Placement | None = None) -> SimResult:
+        """Simulate the whole generation, the policies deciding at every window boundary
+        (``seqs`` and ``initial`` as in :meth:`start`)."""
+        run = self.start(progress=progress, seqs=seqs, initial=initial)
         while not run.done:
             run.next_window()
             if not run.done:

@@ -63,16 +63,9 @@ def default_hyperparams(env_id: str, algo: str) -> dict[str, Any]:
 
 def load_train_config(path: str | Path) -> dict[str, Any]:
     """A ``--config`` YAML: hyperparameters (and ``env_kwargs``, ``n_envs``, ``normalize``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"training config '{path}' does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"training config '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"training config '{path}' must be a mapping of hyperparameters")
-    return data
+    from .config import load_yaml_mapping
+
+    return load_yaml_mapping(path, "training config")
 
 
 def _check_hyperparams(cls, hp: dict[str, Any], algo: str) -> None:

@@ -104,6 +104,13 @@ class LearnedMixin:
             return None                               # masked: the model's choice is not allowed
         return self.grids[self.role].settings[a]
 
+    def _update(self, window: WindowActivity, placement: Placement):
+        setting = self._act(window)
+        if setting is None:
+            return None
+        self.base.params = setting
+        return self.base._update(window, placement)
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         if getattr(self, "_agent", None) is not None:
@@ -127,13 +134,6 @@ class LearnedBalancer(LearnedMixin, BalancerPolicy):
     def _initial(self, ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
         return self.base._initial(ctx, on_gpu)
 
-    def _update(self, window: WindowActivity, placement: Placement):
-        setting = self._act(window)
-        if setting is None:
-            return None
-        self.base.params = setting
-        return self.base._update(window, placement)
-
 
 @register_policy("partition", "rl")
 class LearnedPartition(LearnedMixin, PartitionPolicy):
@@ -143,10 +143,3 @@ class LearnedPartition(LearnedMixin, PartitionPolicy):
 
     def _initial(self, ctx: SchedContext) -> np.ndarray:
         return self.base._initial(ctx)
-
-    def _update(self, window: WindowActivity, placement: Placement):
-        setting = self._act(window)
-        if setting is None:
-            return None
-        self.base.params = setting
-        return self.base._update(window, placement)

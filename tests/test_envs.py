@@ -132,12 +132,7 @@ def test_heuristic_action_reproduces_the_simulator_run():
     from ndpsched.run import build_simulator
 
     sim = build_simulator(env.config, env.sim.trace)
-    run = sim.start(seqs=[2], initial=env._initial)
-    while not run.done:
-        run.next_window()
-        if not run.done:
-            run.apply_policies()
-    want = run.result()
+    want = sim.run(seqs=[2], initial=env._initial)
     assert np.array_equal(got.token_s, want.token_s)
     assert got.moves == want.moves and got.moves["remapped"] >= 0
 

@@ -94,12 +94,7 @@ def test_learned_balancer_runs_in_the_simulator_exactly_as_in_the_env(trained):
 
     cfg = dataclasses.replace(env.config, balancer=PolicySpec(f"rl:{trained.out_dir}"))
     sim = build_simulator(cfg, env.sim.trace)
-    run = sim.start(seqs=[1], initial=env._initial)
-    while not run.done:
-        run.next_window()
-        if not run.done:
-            run.apply_policies()
-    in_sim = run.result()
+    in_sim = sim.run(seqs=[1], initial=env._initial)
     assert np.array_equal(in_env.token_s, in_sim.token_s)
     assert in_env.moves == in_sim.moves
 
