@@ -104,7 +104,7 @@ def compute_expected_activity(cfg: RunConfig, model: ModelSpec) -> ExpectedActiv
 
     src = cfg.trace.source
     if src not in CLOSED_FORM_SOURCES:
-        from .run import load_trace
+        from .inputs import load_trace
 
         trace = load_trace(cfg, model)
         batch = trace.sequences(range(cfg.batch)) if trace.n_seqs != cfg.batch else trace
@@ -153,7 +153,7 @@ def simulate_analytic(cfg: RunConfig, activity: ExpectedActivity | None = None) 
     from .policy import Placement, SchedContext
     from .presets import build_spec, load_hardware
     from .registry import registry
-    from .run import resolve_policies
+    from .inputs import resolve_policies
     from .systems import HOST_SYSTEMS, canonical
     from .trace import NeuronLayout
 

@@ -2,52 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-from .config import ROLES, PolicySpec, RunConfig
+from .config import RunConfig
 from .costmodel import CostParams
-from .errors import unknown_name
-from .models import ModelSpec
+from .inputs import load_trace, resolve_policies  # noqa: F401  (load_trace: part of this module's API)
 from .presets import build_spec, load_hardware
 from .registry import registry
 from .simulator import SimResult, Simulator
-from .systems import HOST_SYSTEMS, canonical, system_policies
+from .systems import HOST_SYSTEMS, canonical
 from .trace import ActivationTrace
-from .tracegen import TRACE_GENERATORS, is_trace_generator, synthetic_trace
-
-
-def resolve_policies(cfg: RunConfig) -> dict[str, PolicySpec]:
-    """The system's policies with the config's per-role overrides applied.
-
-    A role override with an empty name keeps the system's policy and merges the params.
-    """
-    specs = system_policies(cfg.system)
-    for role in ROLES:
-        override = getattr(cfg, role)
-        if override is None:
-            continue
-        if override.name and override.name != specs[role].name:
-            specs[role] = PolicySpec(override.name, dict(override.params))
-        else:
-            specs[role] = PolicySpec(specs[role].name, {**specs[role].params, **override.params})
-    return specs
-
-
-def load_trace(cfg: RunConfig, model: ModelSpec) -> ActivationTrace:
-    """The activation trace a config names: a generator (``fitted:PARAMS.yaml`` included) or a
-    ``.npz`` file of the model's shape (another shape is refused: ``ndpsched trace fit`` transfers
-    a recording to any model)."""
-    src = cfg.trace.source
-    if is_trace_generator(src):
-        return synthetic_trace(model, cfg.prompt_len + cfg.gen_len, cfg.batch, source=src,
-                               top20_share=cfg.trace.top20_share, token_overlap=cfg.trace.token_overlap,
-                               seed=cfg.seed)
-    if not src.endswith(".npz") and not Path(src).exists():
-        raise unknown_name("trace generator (or an existing .npz file)", src, TRACE_GENERATORS)
-    trace = ActivationTrace.load(src)
-    trace.check_model(model)
-    return trace
 
 
 def build_simulator(cfg: RunConfig, trace: ActivationTrace | None = None) -> Simulator:

@@ -38,12 +38,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .ray_session import THREAD_ENV, init_ray  # noqa: F401  (THREAD_ENV: scripts/sweep_scaling.py)
 from .sweep_spec import SweepSpec
 
 log = logging.getLogger(__name__)
 
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-              "NUMEXPR_NUM_THREADS": "1"}
 RETRY_ATTR = "ndpsched_retry_of"
 DRIVER_ATTR = "ndpsched_driver"
 ERROR_ATTR = "ndpsched_error"
@@ -132,26 +131,6 @@ def make_pruner(spec: SweepSpec):
 
 
 # ---- Ray side -------------------------------------------------------------------------------------
-def init_ray(workers: int | None, address: str | None) -> bool:
-    """Start local Ray with ``workers`` CPUs (or connect to ``address``); True if this call started it.
-
-    Worker processes get one BLAS/OpenMP thread each (THREAD_ENV in their runtime environment).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    for key, value in THREAD_ENV.items():
-        os.environ.setdefault(key, value)
-    runtime_env = {"env_vars": dict(THREAD_ENV)}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=False)
-    return True
-
-
 _remote_fns: dict[str, Any] = {}
 
 

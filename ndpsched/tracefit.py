@@ -422,3 +422,10 @@ def fit_command(path: str, out: str | None = None, generate: str | None = None, 
                real_shape={"n_layers": real.layout.n_layers, "d_qkv": real.layout.d_qkv,
                            "d_ffn": real.layout.d_ffn, "n_tokens": real.n_tokens, "n_seqs": real.n_seqs})
     return cmp
+
+
+def trace_from_fit_file(path: str | Path, model, n_tokens: int, n_seqs: int = 1, seed: int = 0) -> ActivationTrace:
+    """A trace for ``model`` generated from the fit saved at ``path`` (the trace source
+    ``fitted:PATH``): frequencies, dynamics and follower shares all come from the fit."""
+    fit = TraceFit.load(path)
+    return fitted_trace(fit, NeuronLayout.of(model), n_tokens, n_seqs, seed, model.name)

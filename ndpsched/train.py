@@ -261,7 +261,7 @@ def train_seeds(seeds: list[int], env_id: str, algo: str, *, out_dir: str | Path
     run ``s`` writes ``out_dir/seed_s``. A task whose worker dies is retried once."""
     import ray
 
-    from .sweep import init_ray
+    from .ray_session import init_ray
 
     started = init_ray(num_cpus, address)
 

@@ -24,6 +24,7 @@ from ndpsched.tracefit import (
     compare_stats,
     fit_dynamics,
     fit_trace,
+    trace_from_fit_file,
     fitted_trace,
 )
 from ndpsched.tracegen import synthetic_trace, two_scale_overlap, two_scale_trace
@@ -124,7 +125,7 @@ def test_fit_yaml_round_trip_and_trace_source(tmp_path, known_trace):
     assert np.allclose(back.quantiles, fit.quantiles, atol=1e-6)
     assert np.allclose(back.persistence, fit.persistence, atol=1e-6)
     model = load_model("tiny")
-    a = synthetic_trace(model, 40, 2, source=f"fitted:{path}", seed=1)
+    a = trace_from_fit_file(path, model, 40, 2, seed=1)
     b = load_trace(RunConfig(model="tiny", prompt_len=20, gen_len=20, batch=2, seed=1,
                              trace={"source": f"fitted:{path}"}), model)
     a.check_model(model)
@@ -134,7 +135,9 @@ def test_fit_yaml_round_trip_and_trace_source(tmp_path, known_trace):
     bad.write_text("format: something-else\n")
     for p, msg in ((tmp_path / "none.yaml", "does not exist"), (bad, "not an ndpsched trace fit")):
         with pytest.raises(TraceError, match=msg):
-            synthetic_trace(model, 10, source=f"fitted:{p}")
+            load_trace(RunConfig(model="tiny", prompt_len=5, gen_len=5, trace={"source": f"fitted:{p}"}), model)
+    with pytest.raises(ConfigError, match="trace_from_fit_file"):
+        synthetic_trace(model, 10, source=f"fitted:{path}")
 
 
 def test_paper_relu_preset_follows_hermes_curve():
