@@ -56,7 +56,7 @@ for name, (agent, extra, transform) in policies.items():
 
 # 4. The table.
 hermes = rows[0][1]["tokens_per_s"]
-print(f"\n{'policy':<22} {'tokens/s':>12} {'vs hermes':>10} {'imbalance':>10} {'MB migrated':>12}")
+print(f"\n{'policy':<22} {'tokens/s':>14} {'vs hermes':>10} {'imbalance':>10} {'bytes migrated':>15}")
 for name, r in rows:
     print(f"{name:<22} {r['tokens_per_s']:>8.2f}±{r['tokens_per_s_ci95']:<4.2f}"
-          f"{100 * (r['tokens_per_s'] / hermes - 1):>+9.2f}% {r['dimm_imbalance']:>10.4f} {r['bytes_migrated'] / 1e6:>12.2f}")
+          f"{100 * (r['tokens_per_s'] / hermes - 1):>+9.2f}% {r['dimm_imbalance']:>10.4f} {r['bytes_migrated']:>15.3g}")

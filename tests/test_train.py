@@ -236,3 +236,14 @@ def test_shipped_schedulers_load_by_name_and_run():
     assert result.tokens_per_s > 0
     assert result.config["balancer"]["trained"]["env_id"] == "ndpsched/DimmBalance-v0"
     assert result.config["partition"]["base"]["name"] == "hermes.adjust"
+
+
+@pytest.mark.slow
+def test_example_script_runs(tmp_path):
+    """examples/train_balancer.py from top to bottom (tiny preset, a few thousand steps)."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_balancer.py"
+    out = subprocess.run([sys.executable, str(script), "--timesteps", "1024", "--episodes", "2",
+                          "--out", str(tmp_path / "ex")], capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr
+    for name in ("hermes (Algorithm 1)", "learned (PPO)", "hindsight oracle"):
+        assert name in out.stdout
