@@ -149,7 +149,7 @@ class SchedulingEnv(gym.Env):
         self.sim = build_simulator(cfg, pool)
         # the offline placement (Hermes computes it once per model, offline) is decided once per
         # env on the first sequences of the pool; every episode starts from it
-        self._initial = self.sim.start(seqs=range(batch)).initial_placement
+        self._initial = self.sim.start(seqs=range(batch)).initial_placement.freeze()
 
         J = self.sim.hw.n_dimms
         self.history = history

@@ -12,6 +12,7 @@ when they fit.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -48,10 +49,8 @@ class SchedContext:
     layer_parents: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.group_of = self.layout.group_of()          # (N,) int32, 2*layer + kind
-        self.layer_of = self.group_of // 2              # (N,) int32
-        self.kind_of = (self.group_of % 2).astype(np.int8)
-        self.neuron_bytes = np.asarray(self.model.neuron_bytes, dtype=np.float64)[self.kind_of]
+        self.group_of, self.layer_of, self.kind_of, self.neuron_bytes = _neuron_tables(
+            self.layout, tuple(float(b) for b in self.model.neuron_bytes))
 
     @property
     def n_neurons(self) -> int:
@@ -65,6 +64,18 @@ class SchedContext:
         return f"layer {group // 2} {KIND_NAMES[group % 2]}"
 
 
+@functools.lru_cache(maxsize=8)
+def _neuron_tables(layout: NeuronLayout, neuron_bytes: tuple[float, float]):
+    """Per-neuron group (2*layer + kind, int32), layer (int32), kind (int8) and bytes (float64)
+    of a layout: the same for every run of a model, so computed once (read-only arrays)."""
+    group_of = layout.group_of()
+    kind_of = (group_of % 2).astype(np.int8)
+    tables = (group_of, group_of // 2, kind_of, np.asarray(neuron_bytes, dtype=np.float64)[kind_of])
+    for array in tables:
+        array.flags.writeable = False
+    return tables
+
+
 @dataclass
 class Placement:
     """Where every neuron lives: its home DIMM (weights always stay there) and GPU copies.
@@ -76,6 +87,18 @@ class Placement:
 
     on_gpu: np.ndarray
     home_dimm: np.ndarray
+    #: what runs derive from a frozen placement (cell keys, per-DIMM bytes), computed once
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def freeze(self) -> "Placement":
+        """Make the arrays read-only (a start state shared by many runs) and return self."""
+        self.on_gpu.flags.writeable = False
+        self.home_dimm.flags.writeable = False
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return not self.on_gpu.flags.writeable and not self.home_dimm.flags.writeable
 
     def device(self) -> np.ndarray:
         """(N,) int16: compute device, 0 = GPU, 1 + j = DIMM j."""
