@@ -175,19 +175,31 @@ class HermesAdjust(HermesIlp):
                                        self.params.state_inc, self.params.state_dec)
         # every neuron that fired since the last decision, plus the prompt's active set
         self._seen = [np.flatnonzero(active)]
+        self._pool = None
         self._stamp = np.zeros(ctx.n_neurons, dtype=np.int64)
         self.promotions = 0
 
     def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
         self.states.toggle(on, off, token)
         self._seen.append(on)
+        self._pool = None
+
+    def _candidate_pool(self, placement: Placement, token: int) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct cold neurons that fired since the last decision and their states at ``token``;
+        kept until the next token or decision, so an observer (the HotCold env) and the decision
+        at the same window end share one computation."""
+        pool = getattr(self, "_pool", None)
+        if pool is None or pool[0] != token:
+            seen = np.concatenate(self._seen)
+            cand = self._distinct(seen[~placement.on_gpu[seen]])
+            pool = (token, cand, self.states.states(cand, token))
+            self._pool = pool
+        return pool[1], pool[2]
 
     def candidate_state_histogram(self, placement: Placement, token: int) -> np.ndarray:
         """(16,) how many distinct cold neurons that fired since the last decision are in each
         FSM state at ``token`` (what the next decision picks its promotions from)."""
-        seen = np.concatenate(self._seen)
-        cand = self._distinct(seen[~placement.on_gpu[seen]])
-        return np.bincount(self.states.states(cand, token), minlength=16)
+        return np.bincount(self._candidate_pool(placement, token)[1], minlength=16)
 
     def _distinct(self, ids: np.ndarray) -> np.ndarray:
         """Distinct ids (each at its last occurrence), in O(n): the last write into the stamp wins."""
@@ -196,10 +208,10 @@ class HermesAdjust(HermesIlp):
 
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p, now = self.ctx, self.params, window.t1 - 1
-        seen = np.concatenate(self._seen)
-        cand = seen[~placement.on_gpu[seen]]
-        cand = self._distinct(cand[self.states.states(cand, now) > p.hot_threshold])
-        cand_state = self.states.states(cand, now)
+        pool, pool_state = self._candidate_pool(placement, now)
+        self._pool = None                    # the decision changes the placement and the pool
+        hot_enough = pool_state > p.hot_threshold
+        cand, cand_state = pool[hot_enough], pool_state[hot_enough]
         if len(cand) == 0:
             return None
         hot = np.flatnonzero(placement.on_gpu)
