@@ -253,11 +253,25 @@ def cmd_trace_record(args: argparse.Namespace) -> int:
         name = "smollm2-135m"
     else:
         model_dir, gguf, name = args.model_dir, args.gguf, args.name
+    cached = None
+    if args.cache and Path(args.text).is_file() and Path(model_dir).is_dir():
+        from .record import recording_cache_path
+
+        cached = recording_cache_path(model_dir, gguf, args.text, args.tokens, args.chunk, args.target_sparsity, name)
+        if cached.is_file():
+            import shutil
+
+            shutil.copyfile(cached, args.out)
+            print(f"wrote {args.out} from the cache ({cached}; --no-cache records again)")
+            return 0
     t0 = time.perf_counter()
     trace = record_trace(model_dir, args.text, args.tokens, args.chunk, args.target_sparsity, gguf,
                          args.batch_chunks, args.threads, progress=sys.stderr.isatty(), model_name=name)
     elapsed = time.perf_counter() - t0
     trace.save(args.out)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        trace.save(cached)
     print(f"wrote {args.out}: {trace.n_seqs} chunks x {trace.n_tokens} tokens, {trace.layout.n_layers} layers x "
           f"(qkv {trace.layout.d_qkv}, ffn {trace.layout.d_ffn}); {trace.meta['tokens'] / elapsed:.1f} tokens/s "
           f"recorded (model loading included)")
@@ -507,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--batch-chunks", type=int, default=4)
     rc.add_argument("--threads", type=int, default=2)
     rc.add_argument("--out", required=True)
+    rc.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                    help="reuse (and keep) recordings in ~/.cache/ndpsched/traces, keyed by model files, text "
+                         "and settings")
     rc.set_defaults(func=cmd_trace_record)
     st = tsub.add_parser("stats", help="sparsity, skew, token overlap, layer correlation, predictor recall")
     st.add_argument("file")

