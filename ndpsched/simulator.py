@@ -27,6 +27,10 @@ from .trace import ActivationTrace, NeuronLayout
 
 log = logging.getLogger(__name__)
 
+#: bound on the cached active-set snapshots of a simulator (a pool of sequences x its windows;
+#: one snapshot is N / 8 bytes, 380 KB for llama2-70b)
+MAX_ACTIVE_SNAPSHOTS = 512
+
 
 @dataclass
 class SimResult:
@@ -139,6 +143,8 @@ class Simulator:
         # per trace sequence: (active-token counts over the prompt, active set at its last token)
         self._prompt_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._delta_cache: dict[tuple[int, str], np.ndarray] = {}
+        # (sequence, token) -> packed true active set at token - 1 (batch 1, perfect predictor)
+        self._active_snapshots: dict[tuple[int, int], np.ndarray] = {}
 
     @staticmethod
     def _check_seqs(seqs, batch: int, trace: ActivationTrace) -> tuple[int, ...]:
@@ -471,9 +477,17 @@ class DecodeRun:
         self.total[:] = steps[-1]
         toggles = [[(on, off)] for on, off in zip(*parts)]
         if self.keep_active:
-            for on, off in (tok[0] for tok in toggles):
-                self.active[on] = 1
-                self.active[off] = 0
+            # the true active set at t1 - 1 does not depend on the schedule: replayed episodes
+            # (the envs' sequence pool) unpack it instead of scattering the window's toggles
+            snapshot = self.sim._active_snapshots.get((seq, t1))
+            if snapshot is not None:
+                self.active = np.unpackbits(snapshot, count=len(self.active))
+            else:
+                for on, off in (tok[0] for tok in toggles):
+                    self.active[on] = 1
+                    self.active[off] = 0
+                if len(self.sim._active_snapshots) < MAX_ACTIVE_SNAPSHOTS:
+                    self.sim._active_snapshots[(seq, t1)] = np.packbits(self.active)
         return toggles
 
     # ---- decisions between windows ---------------------------------------------------------------

@@ -91,6 +91,18 @@ def test_whole_window_counting_equals_token_by_token(seq, tiny_model, tiny_hw, t
     assert np.array_equal(fast_total, slow_total)
 
 
+def test_replayed_sequence_gives_the_same_run(tiny_model, tiny_hw, tiny_trace):
+    """A second run on the same sequence reads the cached active sets and count deltas; it must
+    price every step as the first did (and as a fresh simulator does)."""
+    sim = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 1, seqs=[1])
+    first = sim.run()
+    assert sim._active_snapshots
+    second = sim.run()
+    fresh = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 1, seqs=[1]).run()
+    assert np.array_equal(first.token_s, second.token_s) and np.array_equal(first.token_s, fresh.token_s)
+    assert first.moves == second.moves == fresh.moves
+
+
 def test_seqs_pick_the_batch_from_a_larger_trace(tiny_model, tiny_hw, tiny_trace):
     from ndpsched.errors import ConfigError, TraceError
 
