@@ -150,6 +150,7 @@ class SchedulingEnv(gym.Env):
         # the offline placement (Hermes computes it once per model, offline) is decided once per
         # env on the first sequences of the pool; every episode starts from it
         self._initial = self.sim.start(seqs=range(batch)).initial_placement.freeze()
+        self._masks = self._compute_masks()
 
         J = self.sim.hw.n_dimms
         self.history = history
@@ -182,6 +183,10 @@ class SchedulingEnv(gym.Env):
         """Valid actions (sb3-contrib's MaskablePPO reads this): "no move" is always valid; moves
         between DIMMs need two DIMMs; promotions need a GPU budget. Concatenated over the roles of
         a MultiDiscrete space."""
+        return self._masks.copy()
+
+    def _compute_masks(self) -> np.ndarray:
+        # they depend on the machine and the offline placement only, fixed for the env's life
         masks = [role_mask(role, self.grids[role].n, self.sim.hw.n_dimms, bool(self._initial.on_gpu.any()))
                  for role in self.controlled]
         return np.concatenate(masks)
@@ -219,7 +224,7 @@ class SchedulingEnv(gym.Env):
         if run is None or run.done:
             raise ConfigError("the episode is over (or was never started): call reset()")
         acts = self._split(action)
-        mask = self.action_masks()
+        mask = self._masks
         offset = 0
         for role in self.controlled:
             a = acts[role]
@@ -264,7 +269,7 @@ class SchedulingEnv(gym.Env):
             "token_s": out.window_s / out.n_tokens,
             "reference_token_s": self._reference_token_s,
             "breakdown_s": dict(out.cost.components),
-            "dimm_imbalance": float(np.mean(out.cost.dimm_imbalance)),
+            "dimm_imbalance": float(out.cost.dimm_imbalance.sum() / len(out.cost.dimm_imbalance)),
             "moves": {k: int(moves.get(k, 0)) for k in ("promoted", "evicted", "remapped")},
             "bytes_moved": {"pcie": float(moves.get("pcie_bytes", 0.0)),
                             "dimm_link": float(moves.get("dimm_link_bytes", 0.0))},

@@ -104,7 +104,7 @@ class ObservationStack:
         self._hist[:] = 0.0
 
     def push(self, features: np.ndarray) -> np.ndarray:
-        self._hist = np.roll(self._hist, -1, axis=0)
+        self._hist[:-1] = self._hist[1:]
         self._hist[-1] = features
         return np.clip(self._hist.reshape(-1), 0.0, FEATURE_MAX).astype(np.float32)
 
