@@ -188,15 +188,15 @@ class Simulator:
         return self._delta_cache[tag]
 
     # ---- set-up -------------------------------------------------------------------------------
-    def _context(self) -> SchedContext:
+    def _context(self, seqs: tuple[int, ...]) -> SchedContext:
         trace, P = self.trace, self.prompt_len
         gpu_budget, dimm_budget = memory_budgets(self.model, self.hw, self.cost.params, self.batch,
                                                  self.prompt_len + self.gen_len)
-        prefill = sum(self.prompt_state(s)[0] for s in self.seqs) / (self.batch * P)
+        prefill = sum(self.prompt_state(s)[0] for s in seqs) / (self.batch * P)
         offline = self._offline_freqs if self._offline_freqs is not None else trace.offline_freqs
         if offline is None:
             # no separate profile: the prompts of every sequence in the trace stand in for it
-            if len(self.seqs) == trace.n_seqs:
+            if len(seqs) == trace.n_seqs:
                 offline = prefill
             else:
                 if "prompts" not in self._prompt_cache:
@@ -216,13 +216,13 @@ class Simulator:
         advanced one window at a time (what the Gymnasium environments do).
 
         Args:
-            seqs: trace sequences forming the batch (default: those given at construction).
+            seqs: trace sequences forming the batch (default: those given at construction; the
+                simulator itself is not changed).
             initial: start from this placement (copied) instead of asking the partition and
                 balancer for their initial decisions; they are still reset with the run's context.
         """
-        if seqs is not None:
-            self.seqs = self._check_seqs(seqs, self.batch, self.trace)
-        return DecodeRun(self, progress=progress, initial=initial)
+        seqs = self.seqs if seqs is None else self._check_seqs(seqs, self.batch, self.trace)
+        return DecodeRun(self, seqs, progress=progress, initial=initial)
 
     def run(self, progress: bool = False, seqs: list[int] | tuple[int, ...] | None = None,
             initial: Placement | None = None) -> SimResult:
@@ -265,10 +265,12 @@ class DecodeRun:
     incrementally: a token costs O(toggles), a move O(moved neurons).
     """
 
-    def __init__(self, sim: Simulator, progress: bool = False, initial: Placement | None = None) -> None:
+    def __init__(self, sim: Simulator, seqs: tuple[int, ...], progress: bool = False,
+                 initial: Placement | None = None) -> None:
         self.wall0 = time.perf_counter()
         self.sim = sim
-        self.ctx = ctx = sim._context()
+        self.seqs = seqs
+        self.ctx = ctx = sim._context(seqs)
         L, J, B, P = sim.model.n_layers, sim.hw.n_dimms, sim.batch, sim.prompt_len
         self.n_dev = n_dev = J + 1
         self.K = K = 2 * L * n_dev
@@ -306,7 +308,6 @@ class DecodeRun:
         # batch activity at the last prompt token; the first decode step applies token P's toggles
         self.active = active = np.zeros(sim.layout.n_neurons, dtype=np.uint8)
         self.predictors = [copy.deepcopy(sim.predictor) for _ in range(B)]
-        self.seqs = sim.seqs
         for s, pred in zip(self.seqs, self.predictors):
             pred.begin(ctx, sim.prompt_state(s)[1], P - 1)
             active += pred.initial_computed().astype(np.uint8)   # what the first step starts from
