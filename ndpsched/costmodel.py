@@ -125,6 +125,11 @@ class CostModel:
         self.link_lat_s = hw.dimm_link.latency_us * 1e-6
         self.pcie_bw = hw.pcie.bw_gbps * GB
         self._attn_share = self._attention_share()
+        # per-neuron roofline of one active neuron (batch 1: bytes and MACs of the same neuron)
+        self._gpu_per_neuron_s = np.maximum(self.neuron_bytes / self.gpu_sparse_bw, 2.0 * self.neuron_macs / self.gpu_flops)
+        self._dimm_per_neuron_s = np.maximum(self.neuron_bytes / self.dimm_bw, self.neuron_macs / self.ndp_macs)[:, None]
+        self._gpu_kernels_s = self.gpu_kernels * self.kernel_s
+        self._batch_cache: dict[int, tuple[np.ndarray, float, float, float]] = {}
         #: measured GPU tables (None: roofline only); checked against the GPU preset
         self.profile = profile_for(g)
 
@@ -182,24 +187,28 @@ class CostModel:
         # on the DIMMs, vocabulary rows split evenly
         return m.lm_head_bytes / (self.dimm_bw * self.n_dimms) + self.ndp_issue_s
 
-    def sparse_stage_times(self, union: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sparse_stage_times(self, union: np.ndarray, total: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """GPU compute, GPU sync and per-DIMM times of every sparse stage.
 
         Args:
             union: (..., 2L, J+1) active neurons per group/device, union over the batch.
-            total: (..., 2L, J+1) active neurons per group/device, summed over the batch.
+            total: (..., 2L, J+1) active neurons per group/device, summed over the batch; None
+                when it equals ``union`` (batch 1), which halves the work.
 
         Returns:
             gpu_compute (..., L, 2), gpu_sync (..., L, 2), dimm (..., L, 2, J) in seconds.
         """
         lead = union.shape[:-2]
         u = union.reshape(lead + (self.n_layers, 2, -1))
-        s = total.reshape(lead + (self.n_layers, 2, -1))
+        s = u if total is None else total.reshape(lead + (self.n_layers, 2, -1))
         u_gpu, s_gpu = u[..., 0], s[..., 0]
         busy = u_gpu > 0
-        gpu_compute = np.maximum(u_gpu * (self.neuron_bytes / self.gpu_sparse_bw),
-                                 s_gpu * (2.0 * self.neuron_macs / self.gpu_flops))
-        gpu_compute = gpu_compute + self.gpu_kernels * self.kernel_s
+        if self.profile is None and total is None:
+            # max(u a, u b) = u max(a, b) exactly (rounding is monotonic), one product instead of two
+            gpu_compute = u_gpu * self._gpu_per_neuron_s + self._gpu_kernels_s
+        else:
+            gpu_compute = np.maximum(u_gpu * (self.neuron_bytes / self.gpu_sparse_bw),
+                                     s_gpu * (2.0 * self.neuron_macs / self.gpu_flops)) + self._gpu_kernels_s
         if self.profile is not None:
             # measured gathered-row kernels, keyed by the bytes read and the sequences per active row
             x = u_gpu * self.neuron_bytes
@@ -208,69 +217,89 @@ class CostModel:
                                     self.profile.lookup_s("sparse_ffn", x[..., 1], b[..., 1], gpu_compute[..., 1])], -1)
         gpu_compute = np.where(busy, gpu_compute, 0.0)
         gpu_sync = np.where(busy, 2 * self.sync_s, 0.0)
-        dimm = np.maximum(u[..., 1:] * (self.neuron_bytes / self.dimm_bw)[:, None],
-                          s[..., 1:] * (self.neuron_macs / self.ndp_macs)[:, None])
-        dimm = np.where(u[..., 1:] > 0, dimm + self.ndp_issue_s, 0.0)
+        u_dimm = u[..., 1:]
+        if total is None:
+            dimm = u_dimm * self._dimm_per_neuron_s
+        else:
+            dimm = np.maximum(u_dimm * (self.neuron_bytes / self.dimm_bw)[:, None],
+                              s[..., 1:] * (self.neuron_macs / self.ndp_macs)[:, None])
+        dimm = np.where(u_dimm > 0, dimm + self.ndp_issue_s, 0.0)
         return gpu_compute, gpu_sync, dimm
 
+    def _per_batch(self, batch: int) -> tuple[np.ndarray, float, float, float]:
+        """(merge_s per kind, their sum, projection_s, lm_head_s) for ``batch`` (cached)."""
+        if batch not in self._batch_cache:
+            merge = self.merge_s(batch)
+            self._batch_cache[batch] = (merge, float(merge.sum()), self.projection_s(batch), self.lm_head_s(batch))
+        return self._batch_cache[batch]
+
     # ---- decode steps -----------------------------------------------------------------------
-    def steps_cost(self, union: np.ndarray, total: np.ndarray, kv_len: np.ndarray, batch: int,
+    def steps_cost(self, union: np.ndarray, total: np.ndarray | None, kv_len: np.ndarray, batch: int,
                    migration_pcie_bytes: np.ndarray | None = None,
                    migration_link_s: np.ndarray | None = None) -> StepsCost:
         """Price T consecutive decode steps at once (vectorized over steps and layers).
 
         Args:
-            union, total: (T, 2L, J+1) active-neuron counts per step (see :meth:`sparse_stage_times`).
+            union, total: (T, 2L, J+1) active-neuron counts per step (see :meth:`sparse_stage_times`;
+                ``total`` None: equal to ``union``, as in batch 1).
             kv_len: (T,) cached tokens attended to at each step (this token included).
             batch: sequences in the batch.
             migration_pcie_bytes: (L,) hot-neuron copy bytes DIMM->GPU, done in the first step.
             migration_link_s: (L,) DIMM-link time of remaps (busiest port), done in the first step.
         """
         union = np.asarray(union, dtype=np.float64)
-        total = np.asarray(total, dtype=np.float64)
+        if total is not None:
+            total = np.asarray(total, dtype=np.float64)
         if union.ndim == 2:
-            union, total = union[None], total[None]
+            union = union[None]
+            total = None if total is None else total[None]
         T, L = union.shape[0], self.n_layers
-        kv_len = np.broadcast_to(np.asarray(kv_len, dtype=np.float64), (T,))
+        kv_len = np.asarray(kv_len, dtype=np.float64)
+        if kv_len.shape != (T,):
+            kv_len = np.broadcast_to(kv_len, (T,))
         gpu_c, gpu_sync, dimm = self.sparse_stage_times(union, total)     # (T,L,2), (T,L,2), (T,L,2,J)
         dimm_max = dimm.max(axis=-1)
         gpu_side = gpu_c + gpu_sync
         gpu_critical = gpu_side >= dimm_max
         stage = np.maximum(gpu_side, dimm_max)                              # (T, L, 2)
-        merge = self.merge_s(batch).sum()
+        merge_kind, merge, proj, lm = self._per_batch(batch)
         attn = self.attention_s(kv_len, batch)                              # (T,)
-        proj = self.projection_s(batch)
-        exposed = np.zeros((T, L))
+        layer = stage.sum(axis=-1) + (merge + proj) + attn[:, None]
+        exposed_s = 0.0
         if migration_pcie_bytes is not None or migration_link_s is not None:
             pcie_s = np.zeros(L) if migration_pcie_bytes is None else self.pcie_s(migration_pcie_bytes)
             link_s = np.zeros(L) if migration_link_s is None else migration_link_s
-            exposed[0] = np.maximum(0.0, np.maximum(pcie_s, link_s) - proj)
-        layer = stage.sum(axis=-1) + (merge + proj) + attn[:, None] + exposed
-        lm = self.lm_head_s(batch)
+            exposed = np.maximum(0.0, np.maximum(pcie_s, link_s) - proj)
+            layer[0] += exposed
+            exposed_s = float(exposed.sum())
         step = layer.sum(axis=1) + lm
         proj_sync = 2 * self.sync_s
-        gpu_part = np.where(gpu_critical, gpu_c, 0.0).sum()
-        sync_part = np.where(gpu_critical, gpu_sync, 0.0).sum()
+        gpu_part = gpu_c[gpu_critical].sum()
+        sync_part = gpu_sync[gpu_critical].sum()
+        attn_s = float(L * attn.sum())
+        per_stage = stage.sum(axis=(0, 1))                                  # (2,) qkv, ffn
         comps = {
             "gpu_compute": float(gpu_part + T * L * (proj - proj_sync)),
-            "dimm_compute": float(np.where(gpu_critical, 0.0, dimm_max).sum()),
-            "attention": float(L * attn.sum()),
+            "dimm_compute": float(dimm_max[~gpu_critical].sum()),
+            "attention": attn_s,
             "sync": float(sync_part + T * L * proj_sync),
             "merge": float(T * L * merge) if self.params.merge == "host" else 0.0,
             "pcie": 0.0,
             "dimm_link": float(T * L * merge) if self.params.merge == "tree" else 0.0,
-            "exposed_migration": float(exposed.sum()),
+            "exposed_migration": exposed_s,
             "lm_head": float(T * lm),
         }
         stages = {
-            "qkv": float(stage[..., 0].sum() + T * L * self.merge_s(batch)[0]),
-            "attention": float(L * attn.sum()),
-            "projection": float(T * L * proj + exposed.sum()),
-            "ffn": float(stage[..., 1].sum() + T * L * self.merge_s(batch)[1]),
+            "qkv": float(per_stage[0] + T * L * merge_kind[0]),
+            "attention": attn_s,
+            "projection": float(T * L * proj + exposed_s),
+            "ffn": float(per_stage[1] + T * L * merge_kind[1]),
             "other": float(T * lm),
         }
-        mean_busy = dimm.mean(axis=-1).sum(axis=(1, 2))
-        imbalance = np.where(mean_busy > 0, dimm_max.sum(axis=(1, 2)) / np.maximum(mean_busy, 1e-300), 1.0)
+        # sum over stages of the slowest DIMM / of the mean DIMM (J cancels: sum over DIMMs)
+        busy_sum = dimm.sum(axis=(1, 2, 3))
+        slowest = dimm_max.sum(axis=(1, 2))
+        imbalance = np.where(busy_sum > 0, slowest * self.n_dimms / np.maximum(busy_sum, 1e-300), 1.0)
         return StepsCost(step_s=step, layer_s=layer, components=comps, dimm_imbalance=imbalance, stage_s=stages)
 
     # ---- prefill --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -136,19 +136,30 @@ class WindowActivity:
         device_load: (2L, J+1) float, neuron activations per (layer, kind) group and device,
             summed over the window's tokens and the batch (Hermes' Z_j per stage).
         active: (N,) uint8, in how many sequences of the batch each neuron is active at the last
-            token of the window (None when no policy of the run reads it).
+            token of the window (None when no policy of the run reads it; the simulator may
+            pass a function returning it, called on first read).
         toggles: per token of the window, per sequence, the sorted (on, off) ids of the computed
             set.
     """
 
-    def __init__(self, t0: int, t1: int, device_load: np.ndarray, active: np.ndarray | None,
-                 toggles: list[list[tuple[np.ndarray, np.ndarray]]], scratch: np.ndarray | None = None) -> None:
+    def __init__(self, t0: int, t1: int, device_load: np.ndarray, active: np.ndarray | Callable[[], np.ndarray] | None,
+                 toggles: list[list[tuple[np.ndarray, np.ndarray]]], scratch: np.ndarray | None = None,
+                 window_counts: Callable[[], np.ndarray] | None = None) -> None:
         self.t0, self.t1 = t0, t1
         self.device_load = device_load
-        self.active = active
+        self._active = active
         self.toggles = toggles
         # ((N,) int32 zeros, (N,) bool False) work arrays, restored after use; allocated if None
         self._scratch = scratch
+        # returns the (N,) counts of the whole window where the simulator has them (a replayed
+        # sequence, see ndpsched.replay): neuron_counts is then one gather
+        self._window_counts = window_counts
+
+    @property
+    def active(self) -> np.ndarray | None:
+        if callable(self._active):
+            self._active = self._active()
+        return self._active
 
     def neuron_counts(self, idx: np.ndarray) -> np.ndarray:
         """Active-token counts in the window (summed over the batch) of neurons ``idx``.
@@ -158,9 +169,11 @@ class WindowActivity:
         The correction is scattered into a zeroed (N,) array and gathered at ``idx``: cost
         O(toggles + len(idx)), independent of the model's size.
         """
-        if self.active is None:
+        if self._active is None:
             raise ConfigError("neuron_counts() needs a policy with uses_neuron_activity = True")
         idx = np.asarray(idx, dtype=np.intp)
+        if self._window_counts is not None:
+            return self._window_counts().take(idx).astype(np.int64)
         counts = (self.t1 - self.t0) * self.active[idx].astype(np.int64)
         if len(self.toggles) < 2:
             return counts

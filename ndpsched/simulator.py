@@ -9,10 +9,11 @@ simulation of llama2-70b (3 million neurons) run far faster than real time.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,13 +24,11 @@ from .models import ModelSpec
 from .policy import (BalanceMoves, BalancerPolicy, PartitionMoves, PartitionPolicy,
                      Placement, PredictorPolicy, SchedContext, WindowActivity, check_dimm_capacity,
                      check_gpu_capacity)
+from .replay import REPLAY_CACHE_BYTES, SequenceReplay
 from .trace import ActivationTrace, NeuronLayout
 
 log = logging.getLogger(__name__)
 
-#: bound on the cached active-set snapshots of a simulator (a pool of sequences x its windows;
-#: one snapshot is N / 8 bytes, 380 KB for llama2-70b)
-MAX_ACTIVE_SNAPSHOTS = 512
 
 
 @dataclass
@@ -143,8 +142,9 @@ class Simulator:
         # per trace sequence: (active-token counts over the prompt, active set at its last token)
         self._prompt_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._delta_cache: dict[tuple[int, str], np.ndarray] = {}
-        # (sequence, token) -> packed true active set at token - 1 (batch 1, perfect predictor)
-        self._active_snapshots: dict[tuple[int, int], np.ndarray] = {}
+        # sequence -> its schedule-independent decode state (batch 1, perfect predictor)
+        self._replays: dict[int, SequenceReplay] = {}
+        self._replay_bytes = 0
 
     @staticmethod
     def _check_seqs(seqs, batch: int, trace: ActivationTrace) -> tuple[int, ...]:
@@ -165,6 +165,18 @@ class Simulator:
             counts = self.trace.active_token_counts(seq, 0, P).astype(np.int32)
             self._prompt_cache[seq] = (counts, self.trace.active(seq, P - 1))
         return self._prompt_cache[seq]
+
+    def replay(self, seq: int) -> SequenceReplay | None:
+        """The replay state of sequence ``seq`` (see :mod:`ndpsched.replay`), created on first use;
+        None once :data:`~ndpsched.replay.REPLAY_CACHE_BYTES` is reserved by other sequences."""
+        if seq not in self._replays:
+            n_rows = self.gen_len + 1
+            need = SequenceReplay.nbytes_for(self.layout.n_neurons, n_rows, self.window_tokens)
+            if self._replay_bytes + need > REPLAY_CACHE_BYTES:
+                return None
+            self._replay_bytes += need
+            self._replays[seq] = SequenceReplay(self.prompt_state(seq)[1], self.prompt_len - 1, n_rows)
+        return self._replays[seq]
 
     def base_deltas(self, seq: int, key_of: np.ndarray, tag: str | None = None) -> np.ndarray:
         """(gen_len, K) int32: change of the per-(group, device) active counts at every decode
@@ -306,7 +318,8 @@ class DecodeRun:
         self._placement_tag = derived[2]
 
         # batch activity at the last prompt token; the first decode step applies token P's toggles
-        self.active = active = np.zeros(sim.layout.n_neurons, dtype=np.uint8)
+        self._active = active = np.zeros(sim.layout.n_neurons, dtype=np.uint8)
+        self._active_packed: np.ndarray | None = None      # see the ``active`` property
         self.predictors = [copy.deepcopy(sim.predictor) for _ in range(B)]
         for s, pred in zip(self.seqs, self.predictors):
             pred.begin(ctx, sim.prompt_state(s)[1], P - 1)
@@ -327,8 +340,11 @@ class DecodeRun:
             # each window then only corrects the toggles of neurons moved since the start
             self.base_key = self.key_of.copy()
             self.moved = np.zeros(sim.layout.n_neurons, dtype=bool)
+            self.moved_ids = np.zeros(0, dtype=np.intp)            # the ids where moved is True
             self.n_moved = 0
             self.base_deltas = sim.base_deltas(self.seqs[0], self.base_key, self._placement_tag)
+        # replayed sequences read their active sets instead of scattering every toggle
+        self.replay = sim.replay(self.seqs[0]) if self.whole_window and self.keep_active else None
         firing = np.flatnonzero(active)                   # a fraction of the neurons: count only those
         self.union = np.bincount(self.key_of[firing], minlength=K).astype(np.int64)
         self.total = self.union if B == 1 else np.bincount(self.key_of[firing], weights=active[firing],
@@ -367,6 +383,22 @@ class DecodeRun:
         self.loop0 = time.perf_counter()
 
     @property
+    def active(self) -> np.ndarray:
+        """(N,) uint8: in how many sequences of the batch each neuron is active at the last
+        simulated token (a replayed window keeps it packed until something reads it)."""
+        if self._active_packed is not None:
+            self._active = np.unpackbits(self._active_packed, count=len(self._active))
+            self._active_packed = None
+        return self._active
+
+    def _active_source(self) -> np.ndarray | Callable[[], np.ndarray]:
+        """The active set now, for a WindowActivity: the array, or a function unpacking it."""
+        packed = self._active_packed
+        if packed is None:
+            return self._active
+        return lambda: self.active if self._active_packed is packed else np.unpackbits(packed, count=len(self._active))
+
+    @property
     def done(self) -> bool:
         """True once every generated token has been simulated."""
         return self.next_step >= self.sim.gen_len
@@ -387,7 +419,7 @@ class DecodeRun:
         L, n_dev = sim.model.n_layers, self.n_dev
         pcie, link = self.pending_pcie, self.pending_link
         cost = sim.cost.steps_cost(
-            self.union_buf[:n].reshape(n, 2 * L, n_dev), self.total_buf[:n].reshape(n, 2 * L, n_dev),
+            self.union_buf[:n].reshape(n, 2 * L, n_dev), None if B == 1 else self.total_buf[:n].reshape(n, 2 * L, n_dev),
             np.arange(P + w0, P + w1) + 1, B, pcie if pcie.any() else None, link if link.any() else None)
         pcie[:] = 0
         link[:] = 0
@@ -406,8 +438,11 @@ class DecodeRun:
             if w1 >= sim.gen_len:
                 self.bar.close()
         self.next_step = w1
-        activity = WindowActivity(P + w0, P + w1, window_load, self.active if self.keep_active else None,
-                                  toggles, scratch=self.scratch)
+        counts = None
+        if self.replay is not None and self.replay.rows(P + w0, P + w1) is not None:
+            counts = functools.partial(self.replay.counts, P + w0, P + w1)
+        activity = WindowActivity(P + w0, P + w1, window_load, self._active_source() if self.keep_active else None,
+                                  toggles, scratch=self.scratch, window_counts=counts)
         self.last = WindowOutcome(P + w0, P + w1, cost, activity, float(per_dev[0]), float(per_dev.sum()))
         # policies that observe the whole run (learned policies, hindsight oracles) reach it here
         activity.run, activity.outcome = self, self.last
@@ -453,43 +488,55 @@ class DecodeRun:
         """Tokens [t0, t1) of the batch's one sequence at once (computed set = true set).
 
         The count deltas come from the cached per-token deltas under the initial keys; only the
-        toggles of neurons moved since then are re-counted (a gather over the window's toggles
-        plus a bincount over the few moved ones)."""
+        neurons moved since then are re-counted: from the replay's active sets where the sequence
+        was simulated before (a gather over the moved neurons), else from the window's toggles (a
+        gather over the toggles plus a bincount over the moved ones)."""
         trace, K, n, P = self.sim.trace, self.K, t1 - t0, self.sim.prompt_len
         seq = self.seqs[0]
         lo, hi = trace._slot(seq, t0), trace._slot(seq, t1 - 1) + 1
         deltas = self.base_deltas[t0 - P: t1 - P].astype(np.int64)        # (n, K)
         flat_deltas = deltas.reshape(-1)
+        replay = self.replay
+        rows = replay.rows(t0, t1) if replay is not None else None       # active sets t0-1 .. t1-1
         parts = []
         for ptr, ids, sign in ((trace.on_ptr, trace.on_idx, 1), (trace.off_ptr, trace.off_idx, -1)):
             bounds = ptr[lo: hi + 1] - ptr[lo]
             flat = ids[ptr[lo]: ptr[hi]]
             parts.append([flat[bounds[i]: bounds[i + 1]] for i in range(n)])
-            if self.n_moved:
+            if self.n_moved and rows is None:
                 sel = np.flatnonzero(np.take(self.moved, flat))
                 if len(sel):
                     step = np.searchsorted(bounds, sel, side="right") - 1
-                    moved_ids = flat[sel]
-                    fix = (np.bincount(step * K + np.take(self.key_of, moved_ids), minlength=n * K)
-                           - np.bincount(step * K + np.take(self.base_key, moved_ids), minlength=n * K))
-                    flat_deltas += sign * fix
+                    self._fix_moved(flat_deltas, step, flat[sel], sign)
+        if self.n_moved and rows is not None:
+            # a moved neuron's toggles are the steps of its activity over the window
+            change = np.diff(SequenceReplay.active_of(rows, self.moved_ids).astype(np.int8), axis=0)
+            step, col = np.nonzero(change)
+            self._fix_moved(flat_deltas, step, self.moved_ids[col], weights=change[step, col])
         steps = np.cumsum(deltas, axis=0) + self.total
         self.total_buf[:n] = steps
         self.total[:] = steps[-1]
         toggles = [[(on, off)] for on, off in zip(*parts)]
         if self.keep_active:
-            # the true active set at t1 - 1 does not depend on the schedule: replayed episodes
-            # (the envs' sequence pool) unpack it instead of scattering the window's toggles
-            snapshot = self.sim._active_snapshots.get((seq, t1))
-            if snapshot is not None:
-                self.active = np.unpackbits(snapshot, count=len(self.active))
+            if rows is not None:
+                self._active_packed = rows[-1]                     # unpacked when read
             else:
-                for on, off in (tok[0] for tok in toggles):
+                for t, (on, off) in enumerate(zip(*parts), start=t0):
                     self.active[on] = 1
                     self.active[off] = 0
-                if len(self.sim._active_snapshots) < MAX_ACTIVE_SNAPSHOTS:
-                    self.sim._active_snapshots[(seq, t1)] = np.packbits(self.active)
+                    if replay is not None:
+                        replay.store(t, self.active)
         return toggles
+
+    def _fix_moved(self, flat_deltas: np.ndarray, step: np.ndarray, ids: np.ndarray, sign: int = 1,
+                   weights: np.ndarray | None = None) -> None:
+        """Re-count toggles of moved neurons ``ids`` at window steps ``step`` (``sign`` +1 for on,
+        -1 for off, or per-toggle ``weights``): counted under their initial keys in the base
+        deltas, they belong to their current ones."""
+        K, n_cells = self.K, len(flat_deltas)
+        new = np.bincount(step * K + np.take(self.key_of, ids), weights=weights, minlength=n_cells)
+        old = np.bincount(step * K + np.take(self.base_key, ids), weights=weights, minlength=n_cells)
+        flat_deltas += sign * (new - old).astype(np.int64)
 
     # ---- decisions between windows ---------------------------------------------------------------
     def apply_policies(self) -> None:
@@ -575,15 +622,23 @@ class DecodeRun:
         """Move neurons ``idx`` to compute device ``new_dev`` and update the incremental counts."""
         K, key_of = self.K, self.key_of
         old, new = key_of[idx], (self.ctx.group_of[idx] * self.n_dev + new_dev).astype(key_of.dtype)
-        w = self.active[idx].astype(np.float64)
+        if self._active_packed is not None:                     # a gather, not a whole unpack
+            w = SequenceReplay.active_of(self._active_packed[None], idx)[0].astype(np.float64)
+        else:
+            w = self._active[idx].astype(np.float64)
         self.total += (np.bincount(new, weights=w, minlength=K) - np.bincount(old, weights=w, minlength=K)).astype(np.int64)
         if self.sim.batch > 1:
             u = (w > 0).astype(np.float64)
             self.union += (np.bincount(new, weights=u, minlength=K) - np.bincount(old, weights=u, minlength=K)).astype(np.int64)
         key_of[idx] = new
-        if self.whole_window:
-            self.moved[idx] = new != self.base_key[idx]
-            self.n_moved = int(np.count_nonzero(self.moved)) if len(idx) else self.n_moved
+        if self.whole_window and len(idx):
+            now_moved = new != self.base_key[idx]
+            newly = idx[now_moved & ~self.moved[idx]]
+            self.moved[idx] = now_moved
+            still = self.moved_ids[self.moved[self.moved_ids]]       # minus those moved back home
+            # (np.unique / union1d hash in numpy 2.4: far slower than this for a few thousand ids)
+            self.moved_ids = np.concatenate([still, newly.astype(np.intp)])
+            self.n_moved = len(self.moved_ids)
 
     # ---- summary -------------------------------------------------------------------------------------
     def result(self) -> SimResult:
@@ -626,5 +681,6 @@ def _is_online(policy, base: type) -> bool:
 def _check_ids(idx: np.ndarray, n: int, who: str) -> None:
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise ConfigError(f"{who} returned neuron ids outside 0..{n - 1}")
-    if idx.size != np.unique(idx).size:
+    ordered = np.sort(idx)
+    if (ordered[1:] == ordered[:-1]).any():
         raise ConfigError(f"{who} returned the same neuron twice in one decision")

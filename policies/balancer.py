@@ -72,22 +72,23 @@ def _window_candidates(ctx: SchedContext, window: WindowActivity, placement: Pla
     With ``stride`` > 1 only every stride-th neuron of each group is examined, starting at
     ``offset`` (callers rotate it, so every neuron is a candidate every ``stride`` windows).
     """
-    lay = ctx.layout
-    layer, kind = groups // 2, groups % 2
-    starts = layer * lay.per_layer + np.where(kind == 0, 0, lay.d_qkv) + offset % stride
-    sizes = (np.where(kind == 0, lay.d_qkv, lay.d_ffn) - offset % stride + stride - 1) // stride
+    lay, o = ctx.layout, offset % stride
+    layer, kind = np.divmod(groups, 2)
+    starts = layer * lay.per_layer + kind * lay.d_qkv + o
+    sizes = (np.where(kind == 0, lay.d_qkv, lay.d_ffn) - o + stride - 1) // stride
     ends = np.cumsum(sizes)
     ids = np.repeat(starts - (ends - sizes) * stride, sizes) + np.arange(ends[-1] if len(ends) else 0) * stride
-    ids = ids[~placement.on_gpu[ids]]
+    ids = ids.take(np.flatnonzero(~placement.on_gpu.take(ids)))
     counts = window.neuron_counts(ids)
-    fired = counts > 0
-    return ids[fired], placement.home_dimm[ids[fired]].astype(np.int64), counts[fired]
+    fired = np.flatnonzero(counts)
+    ids = ids.take(fired)
+    return ids, placement.home_dimm.take(ids).astype(np.int64), counts.take(fired)
 
 
 def _imbalanced_groups(window: WindowActivity, tolerance: float) -> np.ndarray:
     load = window.device_load[:, 1:]
-    mean = load.mean(axis=1)
-    return np.flatnonzero((mean > 0) & (load.max(axis=1) > (1 + tolerance) * mean))
+    total = load.sum(axis=1)
+    return np.flatnonzero((total > 0) & (load.max(axis=1) * load.shape[1] > (1 + tolerance) * total))
 
 
 class WindowRebalancer(BalancerPolicy):
@@ -155,33 +156,36 @@ class HermesWindow(WindowRebalancer):
                 raise ValueError(f"candidate_stride must be >= 1, got {self.candidate_stride}")
 
     def _rebalance(self, window, groups, ids, home, A) -> BalanceMoves | None:
-        ctx, J = self.ctx, self.ctx.n_dimms
+        J = self.ctx.n_dimms
+        # per (stage, DIMM) cell, on the (G, J) loads: the DIMM's rank (0 = busiest), its partner
+        # (rank J-1-r) and half the pair's load gap (moving more would make the busy side the
+        # idler one)
         load = window.device_load[groups, 1:]                       # (G, J) Z_j per stage
-        rank_of_dimm = np.argsort(np.argsort(-load, axis=1, kind="stable"), axis=1, kind="stable")
         dimm_at_rank = np.argsort(-load, axis=1, kind="stable")      # rank -> DIMM
-        gpos = np.searchsorted(groups, ctx.group_of[ids])            # row of each candidate
-        rank = rank_of_dimm[gpos, home]
-        busy = rank < J // 2                                         # pairs (r, J-1-r), r < J/2
-        ids, home, A, gpos, rank = ids[busy], home[busy], A[busy], gpos[busy], rank[busy]
-        partner = dimm_at_rank[gpos, J - 1 - rank]
-        # half the load gap of each pair: moving more would make the busy side the idler one
-        half_gap = self.params.move_fraction * (load[gpos, home] - load[gpos, partner]) / 2.0
-        pair = gpos * J + home
-        order = np.lexsort((-A, pair))                               # by pair, most activated first
-        pair_s, A_s = pair[order], A[order].astype(np.float64)
+        rank_of_dimm = np.argsort(dimm_at_rank, axis=1, kind="stable")
+        partner = np.take_along_axis(dimm_at_rank, J - 1 - rank_of_dimm, axis=1)
+        busy_cell = (rank_of_dimm < J // 2).ravel()                 # pairs (r, J-1-r), r < J/2
+        half_gap = (self.params.move_fraction * (load - np.take_along_axis(load, partner, axis=1)) / 2.0).ravel()
+        # candidates on a busy DIMM, by cell, most activated first (one radix-sortable key)
+        cell = np.searchsorted(groups, self.ctx.group_of[ids]) * J + home
+        keep = np.flatnonzero(busy_cell.take(cell))
+        ids, cell, A = ids.take(keep), cell.take(keep), A.take(keep)
+        a_max = int(A.max(initial=0))
+        key = cell * (a_max + 1) + (a_max - A)
+        order = np.argsort(key.astype(np.uint16) if len(groups) * J * (a_max + 1) < 2**16 else key, kind="stable")
+        cell_s, A_s = cell.take(order), A.take(order).astype(np.float64)
         csum = np.cumsum(A_s)
-        first = np.searchsorted(pair_s, pair_s)                      # start of each pair's segment
+        first = np.searchsorted(cell_s, cell_s)                      # start of each cell's segment
         moved_before = csum - A_s - (csum[first] - A_s[first])
-        # A is sorted decreasing, so this holds for a prefix of each pair: Algorithm 1 stops at
+        # A is sorted decreasing, so this holds for a prefix of each cell: Algorithm 1 stops at
         # the first neuron that would make the busy DIMM the less loaded of the pair
-        take = (moved_before + A_s) <= half_gap[order]
-        seg_rank = np.arange(len(order)) - first
+        take = (moved_before + A_s) <= half_gap.take(cell_s)
         if self.params.max_moves_per_stage:
-            take &= seg_rank < self.params.max_moves_per_stage
+            take &= (np.arange(len(order)) - first) < self.params.max_moves_per_stage
         sel = order[take]
         if len(sel) == 0:
             return None
-        return BalanceMoves(ids[sel], partner[sel])
+        return BalanceMoves(ids.take(sel), partner.ravel().take(cell.take(sel)).astype(np.int64))
 
 
 @register_policy("balancer", "greedy.lpt")

@@ -91,16 +91,40 @@ def test_whole_window_counting_equals_token_by_token(seq, tiny_model, tiny_hw, t
     assert np.array_equal(fast_total, slow_total)
 
 
-def test_replayed_sequence_gives_the_same_run(tiny_model, tiny_hw, tiny_trace):
-    """A second run on the same sequence reads the cached active sets and count deltas; it must
-    price every step as the first did (and as a fresh simulator does)."""
-    sim = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 1, seqs=[1])
-    first = sim.run()
-    assert sim._active_snapshots
-    second = sim.run()
-    fresh = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 1, seqs=[1]).run()
-    assert np.array_equal(first.token_s, second.token_s) and np.array_equal(first.token_s, fresh.token_s)
-    assert first.moves == second.moves == fresh.moves
+class CountRecorder(ShuffleBalancer):
+    """ShuffleBalancer that also records every window's counts of all neurons and the active set."""
+
+    def reset(self, ctx):
+        super().reset(ctx)
+        self.seen = []
+
+    def _update(self, window, placement):
+        self.seen.append((window.neuron_counts(np.arange(self.ctx.n_neurons)), window.active.copy()))
+        return super()._update(window, placement)
+
+
+def test_replayed_sequence_gives_the_same_run(tiny_model, tiny_hw, tiny_trace, monkeypatch):
+    """A second run on the same sequence reads the cached active sets, window counts and count
+    deltas (ndpsched.replay); it must price every step, and show the policies every window, as
+    the first did, as a fresh simulator does, and as one without the replay cache does."""
+    def run_twice():
+        sim = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), CountRecorder(), 1, seqs=[1])
+        first = sim.run()
+        seen_first = sim.balancer.seen
+        second = sim.run()
+        return sim, first, second, seen_first, sim.balancer.seen
+
+    sim, first, second, seen_first, seen_second = run_twice()
+    assert sim._replays[1].have.all() and sim._replays[1].window_counts     # the second run replayed
+    import ndpsched.simulator as simulator
+    monkeypatch.setattr(simulator, "REPLAY_CACHE_BYTES", 0)
+    plain, no_cache, _, seen_plain, _ = run_twice()
+    assert not plain._replays
+    for other in (second, no_cache):
+        assert np.array_equal(first.token_s, other.token_s) and first.moves == other.moves
+    for a, b, c in zip(seen_first, seen_second, seen_plain):
+        for x, y, z in zip(a, b, c):
+            assert np.array_equal(x, y) and np.array_equal(x, z)
 
 
 def test_seqs_pick_the_batch_from_a_larger_trace(tiny_model, tiny_hw, tiny_trace):

@@ -1,0 +1,72 @@
+"""What a replayed sequence's decode looks like, whatever the schedule: cached per sequence.
+
+With one sequence and a perfect predictor (the Gymnasium envs' setting), the set of neurons that
+fire at every token is the trace's, so it is the same in every episode that replays the sequence,
+whatever the policies did. The envs sample episodes from a small pool of sequences, so from the
+second episode on a window can read that state instead of rebuilding it from the trace's toggles:
+
+- ``bits``: the active set at every token, bit-packed (N / 8 bytes a token);
+- ``window_counts``: per window, each neuron's active-token count (N bytes a window), what
+  :meth:`~ndpsched.policy.WindowActivity.neuron_counts` returns.
+
+Memory is bounded by :data:`REPLAY_CACHE_BYTES` per simulator; past it sequences are simply not
+cached and the simulator takes the O(toggles) path, with identical results.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: bytes of replay state a simulator may keep (relullama-7b: 20 MB per sequence of 128 decode
+#: tokens in 5-token windows; llama2-70b: 130 MB), a pool of a few sequences, not a history
+REPLAY_CACHE_BYTES = 384 * 2**20
+
+
+class SequenceReplay:
+    """Placement-independent state of the decode of one sequence (batch 1, true active sets).
+
+    Row ``r`` of :attr:`bits` is the active set at token ``first_token + r``; row 0 (the last
+    prompt token) is filled at creation, the others as the first episode simulates them.
+    """
+
+    def __init__(self, active_at_first: np.ndarray, first_token: int, n_rows: int) -> None:
+        self.n_neurons = len(active_at_first)
+        self.first_token = first_token
+        self.bits = np.zeros((n_rows, (self.n_neurons + 7) // 8), dtype=np.uint8)
+        self.have = np.zeros(n_rows, dtype=bool)
+        self.bits[0] = np.packbits(active_at_first)
+        self.have[0] = True
+        self.window_counts: dict[tuple[int, int], np.ndarray] = {}
+
+    @staticmethod
+    def nbytes_for(n_neurons: int, n_rows: int, window_tokens: int) -> int:
+        """Bytes a sequence's replay state reaches once every window is cached."""
+        return n_rows * ((n_neurons + 7) // 8) + -(-(n_rows - 1) // window_tokens) * n_neurons
+
+    def rows(self, t0: int, t1: int) -> np.ndarray | None:
+        """(t1 - t0 + 1, N / 8) packed active sets at tokens t0 - 1 .. t1 - 1, or None if a token
+        of the window has not been simulated yet."""
+        r0, r1 = t0 - 1 - self.first_token, t1 - self.first_token
+        return self.bits[r0: r1] if self.have[r0: r1].all() else None
+
+    def store(self, token: int, active: np.ndarray) -> None:
+        """Record the (N,) 0/1 active set at ``token``."""
+        r = token - self.first_token
+        self.bits[r] = np.packbits(active)
+        self.have[r] = True
+
+    def counts(self, t0: int, t1: int) -> np.ndarray:
+        """(N,) uint8 active-token count of every neuron over tokens [t0, t1) (cached)."""
+        key = (t0, t1)
+        if key not in self.window_counts:
+            rows = self.rows(t0, t1)[1:]
+            acc = np.unpackbits(rows[0], count=self.n_neurons)
+            for row in rows[1:]:
+                acc += np.unpackbits(row, count=self.n_neurons)
+            self.window_counts[key] = acc
+        return self.window_counts[key]
+
+    @staticmethod
+    def active_of(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """(len(rows), len(ids)) uint8: whether neurons ``ids`` are active in each packed row."""
+        shift = (7 - (ids & 7)).astype(np.uint8)
+        return (rows.take(ids >> 3, axis=1) >> shift) & np.uint8(1)
