@@ -60,7 +60,7 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
     cm = sim.cost
-    hidden_s = cm.projection_s(sim.batch) * sim.model.n_layers   # migration time hidden per window
+    hidden_s = cm.fixed_times_s(sim.batch)[2] * sim.model.n_layers   # migration time hidden per window (projection)
     imbalance = cost.dimm_imbalance
     feats = [
         window_s / n / reference_token_s,
@@ -75,7 +75,7 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
         comps["dimm_compute"] / compute if compute > 0 else 0.0,
     ]
     per_dimm = load.sum(axis=0)
-    dimm_mean = per_dimm.mean()
+    dimm_mean = per_dimm.sum() / len(per_dimm)
     ranked = np.sort(per_dimm)[::-1] / dimm_mean if dimm_mean > 0 else np.ones(len(per_dimm))
     parts = [np.asarray(feats), ranked]
     if candidate_states is not None:

@@ -226,8 +226,9 @@ class CostModel:
         dimm = np.where(u_dimm > 0, dimm + self.ndp_issue_s, 0.0)
         return gpu_compute, gpu_sync, dimm
 
-    def _per_batch(self, batch: int) -> tuple[np.ndarray, float, float, float]:
-        """(merge_s per kind, their sum, projection_s, lm_head_s) for ``batch`` (cached)."""
+    def fixed_times_s(self, batch: int) -> tuple[np.ndarray, float, float, float]:
+        """Times that do not depend on the active neurons, for ``batch``: (merge_s per kind, their
+        sum, projection_s, lm_head_s), cached."""
         if batch not in self._batch_cache:
             merge = self.merge_s(batch)
             self._batch_cache[batch] = (merge, float(merge.sum()), self.projection_s(batch), self.lm_head_s(batch))
@@ -262,7 +263,7 @@ class CostModel:
         gpu_side = gpu_c + gpu_sync
         gpu_critical = gpu_side >= dimm_max
         stage = np.maximum(gpu_side, dimm_max)                              # (T, L, 2)
-        merge_kind, merge, proj, lm = self._per_batch(batch)
+        merge_kind, merge, proj, lm = self.fixed_times_s(batch)
         attn = self.attention_s(kv_len, batch)                              # (T,)
         layer = stage.sum(axis=-1) + (merge + proj) + attn[:, None]
         exposed_s = 0.0

@@ -334,7 +334,9 @@ class DecodeRun:
                             or any(p.uses_neuron_activity for p in (sim.partition, sim.balancer, sim.predictor)))
         # one sequence whose computed set is the trace's: a window's toggles come from the trace in
         # one slice and are counted with one bincount per window instead of one per token
-        self.whole_window = B == 1 and self.predictors[0].passthrough and not self.observers
+        # (observers get the window's tokens one by one after it: with one sequence the batch-union
+        # toggles are the sequence's, and nothing else changes between its tokens)
+        self.whole_window = B == 1 and self.predictors[0].passthrough
         if self.whole_window:
             # per-token count deltas under the initial keys (cached per sequence and placement);
             # each window then only corrects the toggles of neurons moved since the start
@@ -491,7 +493,7 @@ class DecodeRun:
         neurons moved since then are re-counted: from the replay's active sets where the sequence
         was simulated before (a gather over the moved neurons), else from the window's toggles (a
         gather over the toggles plus a bincount over the moved ones)."""
-        trace, K, n, P = self.sim.trace, self.K, t1 - t0, self.sim.prompt_len
+        trace, n, P = self.sim.trace, t1 - t0, self.sim.prompt_len
         seq = self.seqs[0]
         lo, hi = trace._slot(seq, t0), trace._slot(seq, t1 - 1) + 1
         deltas = self.base_deltas[t0 - P: t1 - P].astype(np.int64)        # (n, K)
@@ -510,13 +512,19 @@ class DecodeRun:
                     self._fix_moved(flat_deltas, step, flat[sel], sign)
         if self.n_moved and rows is not None:
             # a moved neuron's toggles are the steps of its activity over the window
-            change = np.diff(SequenceReplay.active_of(rows, self.moved_ids).astype(np.int8), axis=0)
-            step, col = np.nonzero(change)
-            self._fix_moved(flat_deltas, step, self.moved_ids[col], weights=change[step, col])
+            ids, K = self.moved_ids, self.K
+            change = np.diff(SequenceReplay.active_of(rows, ids).view(np.int8), axis=0).ravel()
+            cell0 = (np.arange(n) * K)[:, None]                     # (step, key) -> step * K + key
+            new = np.bincount((cell0 + self.key_of.take(ids)).ravel(), weights=change, minlength=n * K)
+            old = np.bincount((cell0 + self.base_key.take(ids)).ravel(), weights=change, minlength=n * K)
+            flat_deltas += (new - old).astype(np.int64)
         steps = np.cumsum(deltas, axis=0) + self.total
         self.total_buf[:n] = steps
         self.total[:] = steps[-1]
         toggles = [[(on, off)] for on, off in zip(*parts)]
+        for obs in self.observers:
+            for t, (on, off) in enumerate(zip(*parts), start=t0):
+                obs.observe(t, on, off)
         if self.keep_active:
             if rows is not None:
                 self._active_packed = rows[-1]                     # unpacked when read
@@ -528,15 +536,14 @@ class DecodeRun:
                         replay.store(t, self.active)
         return toggles
 
-    def _fix_moved(self, flat_deltas: np.ndarray, step: np.ndarray, ids: np.ndarray, sign: int = 1,
-                   weights: np.ndarray | None = None) -> None:
+    def _fix_moved(self, flat_deltas: np.ndarray, step: np.ndarray, ids: np.ndarray, sign: int) -> None:
         """Re-count toggles of moved neurons ``ids`` at window steps ``step`` (``sign`` +1 for on,
-        -1 for off, or per-toggle ``weights``): counted under their initial keys in the base
-        deltas, they belong to their current ones."""
+        -1 for off): counted under their initial keys in the base deltas, they belong to their
+        current ones."""
         K, n_cells = self.K, len(flat_deltas)
-        new = np.bincount(step * K + np.take(self.key_of, ids), weights=weights, minlength=n_cells)
-        old = np.bincount(step * K + np.take(self.base_key, ids), weights=weights, minlength=n_cells)
-        flat_deltas += sign * (new - old).astype(np.int64)
+        new = np.bincount(step * K + np.take(self.key_of, ids), minlength=n_cells)
+        old = np.bincount(step * K + np.take(self.base_key, ids), minlength=n_cells)
+        flat_deltas += sign * (new - old)
 
     # ---- decisions between windows ---------------------------------------------------------------
     def apply_policies(self) -> None:
@@ -588,9 +595,10 @@ class DecodeRun:
         _check_ids(idx, ctx.n_neurons, who)
         if dest.shape != idx.shape or (dest.size and (dest.min() < 0 or dest.max() >= ctx.n_dimms)):
             raise ConfigError(f"{who} returned destinations outside DIMMs 0..{ctx.n_dimms - 1}")
-        src = placement.home_dimm[idx].astype(np.int64)
+        src = placement.home_dimm.take(idx).astype(np.int64)
         real = src != dest
-        idx, src, dest = idx[real], src[real], dest[real]
+        if not real.all():                        # a "move" to the neuron's own DIMM is no move
+            idx, src, dest = idx[real], src[real], dest[real]
         placement.home_dimm[idx] = dest
         # per-DIMM weight bytes, updated by the moves only (a full recount is O(neurons))
         moved = ctx.neuron_bytes[idx]
@@ -598,8 +606,11 @@ class DecodeRun:
         self.dimm_bytes -= np.bincount(src, weights=moved, minlength=ctx.n_dimms)
         if self.dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
             check_dimm_capacity(ctx, placement.home_dimm, who)   # names the DIMM
-        cold = ~placement.on_gpu[idx]
-        self._rekey(idx[cold], dest[cold].astype(np.int32) + 1)
+        hot = placement.on_gpu.take(idx)
+        if hot.any():                             # a hot neuron computes on the GPU wherever it lives
+            self._rekey(idx[~hot], dest[~hot].astype(np.int32) + 1)
+        else:
+            self._rekey(idx, dest.astype(np.int32) + 1)
         self.moves["remapped"] += len(idx)
         if not change.priced:                    # a bound's free moves (see BalanceMoves)
             self.decision["remapped"] += len(idx)

@@ -51,6 +51,19 @@ class SwapPartition(PartitionPolicy):
         return PartitionMoves(promote, evict[: len(promote)] if len(promote) < 3 else evict)
 
 
+class ObservingSwap(SwapPartition):
+    """SwapPartition that also observes every token's toggles (as hermes.adjust does)."""
+
+    observes_tokens = True
+
+    def reset(self, ctx):
+        super().reset(ctx)
+        self.seen = []
+
+    def observe(self, token, on, off):
+        self.seen.append((token, on.tolist(), off.tolist()))
+
+
 def _sim(model, hw, trace, partition, balancer, batch, gen_len=30, prompt_len=12, **kw):
     return Simulator(model, hw, trace, partition, registry("predictor").create("oracle"), balancer,
                      batch=batch, prompt_len=prompt_len, gen_len=gen_len, **kw)
@@ -70,13 +83,15 @@ def test_incremental_counts_equal_recount(batch, tiny_model, tiny_hw, tiny_trace
     assert result.bytes_moved["dimm_link"] > 0 and result.bytes_moved["pcie"] > 0
 
 
-@pytest.mark.parametrize("seq", [0, 2])
-def test_whole_window_counting_equals_token_by_token(seq, tiny_model, tiny_hw, tiny_trace):
+@pytest.mark.parametrize("seq,partition", [(0, "test.swap"), (2, "test.swap"), (1, "observer")])
+def test_whole_window_counting_equals_token_by_token(seq, partition, tiny_model, tiny_hw, tiny_trace):
     """Batch 1 with the oracle reads a window's toggles at once (cached deltas + corrections for
-    moved neurons); it must price every step exactly as the token-by-token path does."""
+    moved neurons; token observers such as hermes.adjust get the tokens after the window); it
+    must price every step, and show observers every token, exactly as the token-by-token path."""
     results = []
     for whole in (True, False):
-        sim = _sim(tiny_model, tiny_hw, tiny_trace, SwapPartition(), ShuffleBalancer(), 1, seqs=[seq])
+        part = SwapPartition() if partition == "test.swap" else ObservingSwap()
+        sim = _sim(tiny_model, tiny_hw, tiny_trace, part, ShuffleBalancer(), 1, seqs=[seq])
         run = sim.start()
         assert run.whole_window
         run.whole_window = whole
@@ -84,9 +99,12 @@ def test_whole_window_counting_equals_token_by_token(seq, tiny_model, tiny_hw, t
             run.next_window()
             if not run.done:
                 run.apply_policies()
-        results.append((run.result(), run.total.copy()))
-    (fast, fast_total), (slow, slow_total) = results
+        results.append((run.result(), run.total.copy(), getattr(part, "seen", None)))
+    (fast, fast_total, fast_seen), (slow, slow_total, slow_seen) = results
+    if partition == "observer":
+        assert len(fast_seen) == 30 and fast_seen == slow_seen
     assert fast.moves["remapped"] > 0 and fast.moves["promoted"] > 0
+    assert fast.moves == slow.moves
     assert np.array_equal(fast.token_s, slow.token_s)
     assert np.array_equal(fast_total, slow_total)
 
