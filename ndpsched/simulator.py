@@ -144,6 +144,9 @@ class Simulator:
         self._delta_cache: dict[tuple[int, str], np.ndarray] = {}
         # sequence -> its schedule-independent decode state (batch 1, perfect predictor)
         self._replays: dict[int, SequenceReplay] = {}
+        # batch -> prompt frequencies; (batch, initial placement) -> active counts at the start
+        self._prefill_freqs: dict[tuple[int, ...], np.ndarray] = {}
+        self._start_counts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._replay_bytes = 0
 
     @staticmethod
@@ -204,7 +207,11 @@ class Simulator:
         trace, P = self.trace, self.prompt_len
         gpu_budget, dimm_budget = memory_budgets(self.model, self.hw, self.cost.params, self.batch,
                                                  self.prompt_len + self.gen_len)
-        prefill = sum(self.prompt_state(s)[0] for s in seqs) / (self.batch * P)
+        if seqs not in self._prefill_freqs:             # the batch's prompt frequencies (cached)
+            freqs = sum(self.prompt_state(s)[0] for s in seqs) / (self.batch * P)
+            freqs.flags.writeable = False
+            self._prefill_freqs[seqs] = freqs
+        prefill = self._prefill_freqs[seqs]
         offline = self._offline_freqs if self._offline_freqs is not None else trace.offline_freqs
         if offline is None:
             # no separate profile: the prompts of every sequence in the trace stand in for it
@@ -347,14 +354,25 @@ class DecodeRun:
             self.base_deltas = sim.base_deltas(self.seqs[0], self.base_key, self._placement_tag)
         # replayed sequences read their active sets instead of scattering every toggle
         self.replay = sim.replay(self.seqs[0]) if self.whole_window and self.keep_active else None
-        firing = np.flatnonzero(active)                   # a fraction of the neurons: count only those
-        self.union = np.bincount(self.key_of[firing], minlength=K).astype(np.int64)
-        self.total = self.union if B == 1 else np.bincount(self.key_of[firing], weights=active[firing],
-                                                           minlength=K).astype(np.int64)
+        # the start's counts depend on the batch and the initial placement only when the computed
+        # set is the true one (a predictor's own start set may depend on its parameters)
+        start_key = (self.seqs, self._placement_tag) if all(p.passthrough for p in self.predictors) else None
+        if self._placement_tag is not None and start_key in sim._start_counts:
+            self.union, self.total = (c.copy() for c in sim._start_counts[start_key])
+        else:
+            firing = np.flatnonzero(active)               # a fraction of the neurons: count only those
+            self.union = np.bincount(self.key_of[firing], minlength=K).astype(np.int64)
+            self.total = self.union.copy() if B == 1 else np.bincount(
+                self.key_of[firing], weights=active[firing], minlength=K).astype(np.int64)
+            if self._placement_tag is not None and start_key is not None and len(sim._start_counts) < 64:
+                sim._start_counts[start_key] = (self.union.copy(), self.total.copy())
+        if B == 1:
+            self.total = self.union                       # one array: union = total
         # scratch for WindowActivity.neuron_counts (all zeros between calls; int32 halves its cache
-        # footprint, and |sum of k over a window| stays far below 2**31)
+        # footprint, and |sum of k over a window| stays far below 2**31); a replayed sequence reads
+        # its window counts instead
         self.scratch = (np.zeros(sim.layout.n_neurons, dtype=np.int32), np.zeros(sim.layout.n_neurons, dtype=bool)) \
-            if self.keep_active else None
+            if self.keep_active and self.replay is None else None
 
         self.prefill = sim.cost.prefill_cost(P, B)
         self.breakdown = dict.fromkeys(COMPONENTS, 0.0)
