@@ -71,6 +71,8 @@ class KnobGrid:
                 raise ConfigError(f"knob setting {dict(zip(levels, combo))} of {role} '{policy}': {exc}") from None
         #: the action that reproduces the heuristic (its base parameters)
         self.default_action = self.settings.index(base, 1)
+        #: readable name of every action (each step's info carries the one taken)
+        self.names = [self._name(setting) for setting in self.settings]
 
     @property
     def n(self) -> int:
@@ -78,7 +80,9 @@ class KnobGrid:
 
     def describe(self, action: int) -> str:
         """Readable name of an action."""
-        setting = self.settings[action]
+        return self.names[action]
+
+    def _name(self, setting: Any) -> str:
         if setting is None:
             return NO_MOVE
         if not self.knobs:

@@ -171,6 +171,10 @@ class SchedulingEnv(gym.Env):
 
     def _split(self, action: Any) -> dict[str, int]:
         """{role: action index} of an action of this env's space (anything else is an error)."""
+        if isinstance(action, (int, np.integer)) and len(self.controlled) == 1:   # Discrete: the common case
+            role = self.controlled[0]
+            if 0 <= action < self.grids[role].n:
+                return {role: int(action)}
         flat = np.asarray(action).reshape(-1)
         ok = flat.size == len(self.controlled) and (np.issubdtype(flat.dtype, np.integer) or
                                                     (flat.dtype.kind == "f" and np.all(flat == np.round(flat))))

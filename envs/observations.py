@@ -15,6 +15,7 @@ FEATURE_MAX = 10.0
 #: stage-imbalance levels whose exceedance fractions are observed (they match the tolerance
 #: levels of the balancer's action grid)
 TOLERANCE_LEVELS = (0.02, 0.05, 0.1, 0.2)
+_TOLERANCES = np.array(TOLERANCE_LEVELS)
 #: FSM-state levels whose candidate counts are observed (the hot-threshold levels of the grid)
 STATE_LEVELS = (6, 8, 10, 12, 14)
 
@@ -51,11 +52,12 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     n = out.n_tokens
     load = out.activity.device_load[:, 1:]                   # (2L, J) activations per stage, DIMM
     mean = load.sum(axis=1) / load.shape[1]
-    peak = load.max(axis=1)
     # stage max/mean - 1 (0 for idle stages), sorted: quantiles and exceedances by indexing
-    excess = np.sort(np.where(mean > 0, peak / np.where(mean > 0, mean, 1.0), 1.0) - 1.0)
+    ratio = np.divide(load.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
+    ratio.sort()
+    excess = ratio - 1.0
     n_stages = len(excess)
-    over = n_stages - np.searchsorted(excess, TOLERANCE_LEVELS, side="right")
+    over = n_stages - np.searchsorted(excess, _TOLERANCES, side="right")
     window_s = out.window_s
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
@@ -75,9 +77,10 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
         comps["dimm_compute"] / compute if compute > 0 else 0.0,
     ]
     per_dimm = load.sum(axis=0)
+    per_dimm.sort()
     dimm_mean = per_dimm.sum() / len(per_dimm)
-    ranked = np.sort(per_dimm)[::-1] / dimm_mean if dimm_mean > 0 else np.ones(len(per_dimm))
-    parts = [np.asarray(feats), ranked]
+    ranked = per_dimm[::-1] / dimm_mean if dimm_mean > 0 else np.ones(len(per_dimm))
+    parts = [feats, ranked]
     if candidate_states is not None:
         # candidates above each threshold, per neuron the hidden PCIe copies allow per window
         cap = max(_promotion_capacity(run), 1.0)
@@ -98,15 +101,15 @@ class ObservationStack:
     float32: what the environments return and what a trained policy reads inside the simulator."""
 
     def __init__(self, history: int, n_features: int) -> None:
-        self._hist = np.zeros((history, n_features))
+        self._hist = np.zeros((history, n_features), dtype=np.float32)   # rows clipped on entry
 
     def reset(self) -> None:
         self._hist[:] = 0.0
 
     def push(self, features: np.ndarray) -> np.ndarray:
         self._hist[:-1] = self._hist[1:]
-        self._hist[-1] = features
-        return np.clip(self._hist.reshape(-1), 0.0, FEATURE_MAX).astype(np.float32)
+        np.clip(features, 0.0, FEATURE_MAX, out=self._hist[-1], casting="same_kind")
+        return self._hist.reshape(-1).copy()
 
 
 def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.ndarray | None:

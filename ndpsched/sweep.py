@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .ray_session import THREAD_ENV, init_ray  # noqa: F401  (THREAD_ENV: scripts/sweep_scaling.py)
+from .ray_session import init_ray
 from .sweep_spec import SweepSpec
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,11 @@ class Pruned(Exception):
 
 
 def limit_threads() -> None:
-    """One BLAS/OpenMP thread per worker: the parallelism is across trials."""
+    """One BLAS/OpenMP thread per worker: the parallelism is across trials. Also applies the
+    workers' malloc settings (see :func:`ndpsched.ray_session.tune_malloc`)."""
+    from .ray_session import tune_malloc
+
+    tune_malloc()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ[var] = "1"
     try:

@@ -23,7 +23,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ndpsched.sweep import THREAD_ENV, run_sweep
+from ndpsched.ray_session import WORKER_ENV
+from ndpsched.sweep import run_sweep
 from ndpsched.sweep_spec import parse_sweep
 
 
@@ -50,12 +51,12 @@ def main() -> int:
                          "separates Ray overhead from the machine's own per-core slowdown under load")
     args = ap.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
-    for key, value in THREAD_ENV.items():
+    for key, value in WORKER_ENV.items():
         os.environ[key] = value
     import ray
 
     ray.init(num_cpus=max(counts), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": dict(THREAD_ENV)})
+             runtime_env={"env_vars": dict(WORKER_ENV)})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
