@@ -26,10 +26,13 @@ WORKER_ENV = {**THREAD_ENV, **MALLOC_ENV}
 def tune_malloc() -> bool:
     """Apply the MALLOC_ENV settings to this running process (glibc's ``mallopt``), for workers
     that were started without them (a fork pool, a cluster's existing workers). False where the
-    C library is not glibc."""
+    C library is not glibc, or with ``NDPSCHED_MALLOC=default`` in the environment (glibc's
+    defaults kept)."""
     import ctypes
     import ctypes.util
 
+    if os.environ.get("NDPSCHED_MALLOC") == "default":     # opt out (and the scaling script's reference)
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

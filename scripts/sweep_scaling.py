@@ -28,12 +28,23 @@ from ndpsched.sweep import run_sweep
 from ndpsched.sweep_spec import parse_sweep
 
 
-def spec_for(model: str, gen_len: int, n_trials: int, seed: int):
+#: the trials timed: Hermes with its FSM predictor (the token-by-token path, random access over
+#: ~10 MB of per-neuron tables) or with the ideal predictor (the whole-window path, which streams
+#: the trace); both tune the window balancer, the first also the predictor's lambda
+TRIALS = {
+    "hermes": ({"predictor.params.lam": "float[4, 8]", "balancer.params.tolerance": "float[0.03, 0.08]"}, {}),
+    "oracle": ({"balancer.params.move_fraction": "float[0.25, 1]", "balancer.params.tolerance": "float[0.03, 0.08]"},
+               {"predictor": {"name": "oracle"}}),
+}
+
+
+def spec_for(model: str, gen_len: int, n_trials: int, seed: int, trial: str = "hermes"):
+    space, base = TRIALS[trial]
     return parse_sweep({
         "name": "scaling",
-        "base": {"system": "hermes", "model": model, "gen_len": gen_len, "partition": {"name": "topk"}},
+        "base": {"system": "hermes", "model": model, "gen_len": gen_len, "partition": {"name": "topk"}, **base},
         "objective": {"kind": "simulate", "seeds": [0]},
-        "space": {"predictor.params.lam": "float[4, 8]", "balancer.params.tolerance": "float[0.03, 0.08]"},
+        "space": space,
         "metrics": {"tokens_per_s": "max"},
         "sampler": {"name": "random", "seed": seed},
         "n_trials": n_trials,
@@ -49,24 +60,32 @@ def main() -> int:
     ap.add_argument("--pool-baseline", action="store_true",
                     help="also time the same trials in a plain multiprocessing pool (no Ray, no Optuna): "
                          "separates Ray overhead from the machine's own per-core slowdown under load")
+    ap.add_argument("--trial", choices=sorted(TRIALS), default="hermes", help="what every trial simulates")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default malloc settings in the workers (the reference for ndpsched's)")
     args = ap.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
-    for key, value in WORKER_ENV.items():
+    if args.default_malloc:            # the reference: glibc's default malloc settings in the workers
+        os.environ["NDPSCHED_MALLOC"] = "default"
+    worker_env = {k: v for k, v in WORKER_ENV.items() if not (args.default_malloc and k.startswith("MALLOC_"))}
+    if args.default_malloc:
+        worker_env["NDPSCHED_MALLOC"] = "default"
+    for key, value in worker_env.items():
         os.environ[key] = value
     import ray
 
     ray.init(num_cpus=max(counts), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": dict(WORKER_ENV)})
+             runtime_env={"env_vars": worker_env})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        run_sweep(spec_for(args.model, args.gen_len, 2 * max(counts), 99), workers=max(counts),
+        run_sweep(spec_for(args.model, args.gen_len, 2 * max(counts), 99, args.trial), workers=max(counts),
                   out_dir=Path(tmp) / "warmup")
         print(f"warm-up ({2 * max(counts)} trials on {max(counts)} workers): {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
         for w in counts:
             n = args.trials_per_worker * w
-            res = run_sweep(spec_for(args.model, args.gen_len, n, w), workers=w, out_dir=Path(tmp) / f"w{w}")
+            res = run_sweep(spec_for(args.model, args.gen_len, n, w, args.trial), workers=w, out_dir=Path(tmp) / f"w{w}")
             import optuna
 
             study = optuna.load_study(study_name="scaling", storage=f"sqlite:///{Path(tmp) / f'w{w}' / 'study.db'}")
@@ -81,8 +100,8 @@ def main() -> int:
     if args.pool_baseline:
         pool_rows = pool_baseline(args, counts)
     base = rows[0][3] / rows[0][0]
-    print(f"model {args.model}, gen_len {args.gen_len}, {args.trials_per_worker} trials per worker, "
-          f"{os.cpu_count()} CPUs")
+    print(f"trial {args.trial}, model {args.model}, gen_len {args.gen_len}, {args.trials_per_worker} trials per worker, "
+          f"{os.cpu_count()} CPUs, malloc {'glibc defaults' if args.default_malloc else 'ndpsched WORKER_ENV'}")
     print("| workers | trials | span (s) | trials/min | mean trial (s) | speed-up | efficiency | failed |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w, n, span, tpm, trial_s, failed in rows:
@@ -109,38 +128,39 @@ def _pool_trial(args_tuple):
     return time.perf_counter() - t0
 
 
+def _draw(space: dict[str, str], rng) -> dict[str, float]:
+    """Parameters drawn uniformly from the trial's float ranges."""
+    out = {}
+    for key, text in space.items():
+        lo, hi = (float(x) for x in text[len("float["):-1].split(","))
+        out[key] = float(rng.uniform(lo, hi))
+    return out
+
+
 def pool_baseline(args, counts):
-    """The same simulate trials in a multiprocessing pool: (workers, trials, trials/min, span, mean trial)."""
+    """The same simulate trials in a multiprocessing pool of each size (no Ray, no Optuna; every
+    process warmed first, trials handed out as processes free up): (workers, trials, trials/min,
+    span, mean trial)."""
     import multiprocessing as mp
 
     import numpy as np
 
     rows = []
-    spec = spec_for(args.model, args.gen_len, 1, 0)
+    spec = spec_for(args.model, args.gen_len, 1, 0, args.trial)
+    space = TRIALS[args.trial][0]
     payload = spec.to_payload()
     rng = np.random.default_rng(0)
     ctx = mp.get_context("fork")
-    with ctx.Pool(max(counts), maxtasksperchild=None) as pool:
-        warm = [(payload, {"predictor.params.lam": 6.0})] * (2 * max(counts))
-        pool.map(_pool_trial, warm, chunksize=1)          # every process draws and caches its trace
-        for w in counts:
+    for w in counts:
+        with ctx.Pool(w) as pool:
+            pool.map(_pool_trial, [(payload, _draw(space, rng)) for _ in range(2 * w)], chunksize=1)   # warm-up
             n = args.trials_per_worker * w
-            jobs = [(payload, {"predictor.params.lam": float(rng.uniform(4, 8)),
-                               "balancer.params.tolerance": float(rng.uniform(0.03, 0.08))}) for _ in range(n)]
-            # w concurrent trials: a semaphore-free way is w chunks of the pool's processes busy at once
+            jobs = [(payload, _draw(space, rng)) for _ in range(n)]
             t0 = time.perf_counter()
-            times = []
-            it = iter(jobs)
-            running = []
-            for job in [next(it) for _ in range(w)]:
-                running.append(pool.apply_async(_pool_trial, (job,)))
-            for job in it:
-                times.append(running.pop(0).get())
-                running.append(pool.apply_async(_pool_trial, (job,)))
-            times += [r.get() for r in running]
+            times = list(pool.imap_unordered(_pool_trial, jobs, chunksize=1))
             span = time.perf_counter() - t0
-            rows.append((w, n, 60.0 * n / span, span, statistics.mean(times)))
-            print(f"pool {w}: {n} trials in {span:.1f} s", file=sys.stderr)
+        rows.append((w, n, 60.0 * n / span, span, statistics.mean(times)))
+        print(f"pool {w}: {n} trials in {span:.1f} s", file=sys.stderr)
     return rows
 
 
