@@ -160,3 +160,33 @@ def test_storage_url_must_be_a_url():
 
     with pytest.raises(ConfigError, match="journal:PATH"):
         make_storage("study.db")
+
+
+def test_sqlite_storage_runs_in_wal_mode(tmp_path):
+    """The default storage commits through a write-ahead log (faster ask/tell, safe against a
+    killed driver); the journal mode is a property of the database file."""
+    import sqlite3
+
+    import optuna
+
+    from ndpsched.sweep import make_storage
+
+    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, study_name="wal")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with sqlite3.connect(tmp_path / "study.db") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert len(optuna.load_study(study_name="wal", storage=f"sqlite:///{tmp_path / 'study.db'}").trials) == 2
+
+
+def test_worker_malloc_settings(monkeypatch):
+    """Workers' malloc settings apply on glibc and can be switched off."""
+    import platform
+
+    from ndpsched.ray_session import MALLOC_ENV, WORKER_ENV, tune_malloc
+
+    assert set(MALLOC_ENV) <= set(WORKER_ENV) and WORKER_ENV["OMP_NUM_THREADS"] == "1"
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert tune_malloc() is True
+    monkeypatch.setenv("NDPSCHED_MALLOC", "default")
+    assert tune_malloc() is False
