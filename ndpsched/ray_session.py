@@ -10,9 +10,8 @@ THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 
 # glibc malloc in worker processes: large arrays come from the heap, and freed memory stays there.
 # A trace-mode trial allocates and frees tens of MB of short-lived (N,) arrays; with glibc's
-# defaults each is a fresh mmap whose pages fault in (relullama-7b: ~13,700 page faults a trial,
-# ~360 with these), and the page faults of 16 busy processes contend in the kernel: measured on
-# the 16-core device, trials ran 1.39 s alone and 1.85 s with 16 at once in a plain process pool.
+# defaults each is a fresh mmap whose pages fault in: relullama-7b, ~13,700 page faults a trial,
+# ~360 with these; on the 16-core device one worker's trial went from 1.26 to 1.12 s.
 MALLOC_MMAP_THRESHOLD_BYTES = 32 * 2**20     # glibc's maximum on 64-bit
 MALLOC_TRIM_THRESHOLD_BYTES = 2**30
 MALLOC_TOP_PAD_BYTES = 64 * 2**20

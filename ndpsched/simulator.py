@@ -30,7 +30,6 @@ from .trace import ActivationTrace, NeuronLayout
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class SimResult:
     """Metrics of one simulated generation."""
@@ -356,15 +355,17 @@ class DecodeRun:
         self.replay = sim.replay(self.seqs[0]) if self.whole_window and self.keep_active else None
         # the start's counts depend on the batch and the initial placement only when the computed
         # set is the true one (a predictor's own start set may depend on its parameters)
-        start_key = (self.seqs, self._placement_tag) if all(p.passthrough for p in self.predictors) else None
-        if self._placement_tag is not None and start_key in sim._start_counts:
+        start_key = None
+        if self._placement_tag is not None and all(p.passthrough for p in self.predictors):
+            start_key = (self.seqs, self._placement_tag)
+        if start_key in sim._start_counts:
             self.union, self.total = (c.copy() for c in sim._start_counts[start_key])
         else:
             firing = np.flatnonzero(active)               # a fraction of the neurons: count only those
             self.union = np.bincount(self.key_of[firing], minlength=K).astype(np.int64)
-            self.total = self.union.copy() if B == 1 else np.bincount(
+            self.total = self.union if B == 1 else np.bincount(
                 self.key_of[firing], weights=active[firing], minlength=K).astype(np.int64)
-            if self._placement_tag is not None and start_key is not None and len(sim._start_counts) < 64:
+            if start_key is not None and len(sim._start_counts) < 64:
                 sim._start_counts[start_key] = (self.union.copy(), self.total.copy())
         if B == 1:
             self.total = self.union                       # one array: union = total
@@ -458,9 +459,9 @@ class DecodeRun:
             if w1 >= sim.gen_len:
                 self.bar.close()
         self.next_step = w1
-        counts = None
-        if self.replay is not None and self.replay.rows(P + w0, P + w1) is not None:
-            counts = functools.partial(self.replay.counts, P + w0, P + w1)
+        # the whole-window path has read or stored every token of the window in the replay
+        counts = functools.partial(self.replay.counts, P + w0, P + w1) \
+            if self.replay is not None and self.whole_window else None
         activity = WindowActivity(P + w0, P + w1, window_load, self._active_source() if self.keep_active else None,
                                   toggles, scratch=self.scratch, window_counts=counts)
         self.last = WindowOutcome(P + w0, P + w1, cost, activity, float(per_dev[0]), float(per_dev.sum()))
@@ -613,10 +614,9 @@ class DecodeRun:
         _check_ids(idx, ctx.n_neurons, who)
         if dest.shape != idx.shape or (dest.size and (dest.min() < 0 or dest.max() >= ctx.n_dimms)):
             raise ConfigError(f"{who} returned destinations outside DIMMs 0..{ctx.n_dimms - 1}")
-        src = placement.home_dimm.take(idx).astype(np.int64)
+        src = placement.home_dimm[idx].astype(np.int64)
         real = src != dest
-        if not real.all():                        # a "move" to the neuron's own DIMM is no move
-            idx, src, dest = idx[real], src[real], dest[real]
+        idx, src, dest = idx[real], src[real], dest[real]
         placement.home_dimm[idx] = dest
         # per-DIMM weight bytes, updated by the moves only (a full recount is O(neurons))
         moved = ctx.neuron_bytes[idx]
@@ -624,11 +624,8 @@ class DecodeRun:
         self.dimm_bytes -= np.bincount(src, weights=moved, minlength=ctx.n_dimms)
         if self.dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
             check_dimm_capacity(ctx, placement.home_dimm, who)   # names the DIMM
-        hot = placement.on_gpu.take(idx)
-        if hot.any():                             # a hot neuron computes on the GPU wherever it lives
-            self._rekey(idx[~hot], dest[~hot].astype(np.int32) + 1)
-        else:
-            self._rekey(idx, dest.astype(np.int32) + 1)
+        cold = ~placement.on_gpu[idx]
+        self._rekey(idx[cold], dest[cold].astype(np.int32) + 1)
         self.moves["remapped"] += len(idx)
         if not change.priced:                    # a bound's free moves (see BalanceMoves)
             self.decision["remapped"] += len(idx)
