@@ -18,6 +18,7 @@ TOLERANCE_LEVELS = (0.02, 0.05, 0.1, 0.2)
 _TOLERANCES = np.array(TOLERANCE_LEVELS)
 #: FSM-state levels whose candidate counts are observed (the hot-threshold levels of the grid)
 STATE_LEVELS = (6, 8, 10, 12, 14)
+_STATE_ABOVE = np.array(STATE_LEVELS) + 1
 
 COMMON_FEATURES = (
     ["latency_vs_reference", "dimm_imbalance_excess"]
@@ -51,42 +52,41 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     sim, cost = run.sim, out.cost
     n = out.n_tokens
     load = out.activity.device_load[:, 1:]                   # (2L, J) activations per stage, DIMM
-    mean = load.sum(axis=1) / load.shape[1]
-    # stage max/mean - 1 (0 for idle stages), sorted: quantiles and exceedances by indexing
-    ratio = np.divide(load.max(axis=1), mean, out=np.ones_like(mean), where=mean > 0)
-    ratio.sort()
-    excess = ratio - 1.0
+    # stage max/mean - 1, sorted (quantiles and exceedances by indexing); the 1e-30 makes an
+    # idle stage 0 and changes no busy stage's ratio (its loads are whole activations)
+    excess = (load.max(axis=1) * load.shape[1] + 1e-30) / (load.sum(axis=1) + 1e-30) - 1.0
+    excess.sort()
     n_stages = len(excess)
-    over = n_stages - np.searchsorted(excess, _TOLERANCES, side="right")
+    over = (n_stages - np.searchsorted(excess, _TOLERANCES, side="right")) / n_stages
     window_s = out.window_s
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
     cm = sim.cost
     hidden_s = cm.fixed_times_s(sim.batch)[2] * sim.model.n_layers   # migration time hidden per window (projection)
     imbalance = cost.dimm_imbalance
+    per_dimm = load.sum(axis=0)
+    per_dimm.sort()
+    total = float(per_dimm.sum())
     feats = [
         window_s / n / reference_token_s,
         float(imbalance.sum()) / len(imbalance) - 1.0,
-        *(over / n_stages).tolist(),
-        float(excess[n_stages // 2]), float(excess[int(0.9 * (n_stages - 1))]), float(excess[-1]),
+        *over.tolist(),
+        *excess[[n_stages // 2, int(0.9 * (n_stages - 1)), -1]].tolist(),
         out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         comps["exposed_migration"] / window_s,
         last_moves.get("dimm_link_bytes", 0.0) / (cm.link_bw * hidden_s),
         last_moves.get("pcie_bytes", 0.0) / (cm.pcie_bw * hidden_s),
         run.next_step / sim.gen_len,
         comps["dimm_compute"] / compute if compute > 0 else 0.0,
+        # DIMM loads from the busiest down, over their mean
+        *((per_dimm[::-1] * (len(per_dimm) / total)).tolist() if total > 0 else [1.0] * len(per_dimm)),
     ]
-    per_dimm = load.sum(axis=0)
-    per_dimm.sort()
-    dimm_mean = per_dimm.sum() / len(per_dimm)
-    ranked = per_dimm[::-1] / dimm_mean if dimm_mean > 0 else np.ones(len(per_dimm))
-    parts = [feats, ranked]
     if candidate_states is not None:
         # candidates above each threshold, per neuron the hidden PCIe copies allow per window
         cap = max(_promotion_capacity(run), 1.0)
         above = np.cumsum(candidate_states[::-1])[::-1]      # above[s] = count with state >= s
-        parts.append(np.array([above[s + 1] / cap for s in STATE_LEVELS]))
-    return np.concatenate(parts)
+        feats += (above[_STATE_ABOVE] / cap).tolist()
+    return np.array(feats)
 
 
 def _promotion_capacity(run: DecodeRun) -> float:
@@ -108,7 +108,8 @@ class ObservationStack:
 
     def push(self, features: np.ndarray) -> np.ndarray:
         self._hist[:-1] = self._hist[1:]
-        np.clip(features, 0.0, FEATURE_MAX, out=self._hist[-1], casting="same_kind")
+        # (np.clip's Python wrapper costs more than the two ufuncs)
+        self._hist[-1] = np.minimum(np.maximum(features, 0.0), FEATURE_MAX)
         return self._hist.reshape(-1).copy()
 
 
@@ -118,4 +119,4 @@ def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.nda
     policy = getattr(partition, "base", partition)
     if not hasattr(policy, "candidate_state_histogram"):
         return None
-    return policy.candidate_state_histogram(run.placement, out.t1 - 1)
+    return policy.candidate_state_histogram(run.placement, out.activity)

@@ -140,12 +140,16 @@ class WindowActivity:
             pass a function returning it, called on first read).
         toggles: per token of the window, per sequence, the sorted (on, off) ids of the computed
             set.
+        memo: a :class:`~ndpsched.replay.WindowMemo` where the window belongs to a replayed
+            sequence (one sequence, perfect predictor): results derived from the window's activity
+            alone can be kept there for the next episodes; None otherwise.
     """
 
     def __init__(self, t0: int, t1: int, device_load: np.ndarray, active: np.ndarray | Callable[[], np.ndarray] | None,
                  toggles: list[list[tuple[np.ndarray, np.ndarray]]], scratch: np.ndarray | None = None,
-                 window_counts: Callable[[], np.ndarray] | None = None) -> None:
+                 window_counts: Callable[[], np.ndarray] | None = None, memo: Any = None) -> None:
         self.t0, self.t1 = t0, t1
+        self.memo = memo
         self.device_load = device_load
         self._active = active
         self.toggles = toggles

@@ -7,12 +7,16 @@ second episode on a window can read that state instead of rebuilding it from the
 
 - ``bits``: the active set at every token, bit-packed (N / 8 bytes a token);
 - ``window_counts``: per window, each neuron's active-token count (N bytes a window), what
-  :meth:`~ndpsched.policy.WindowActivity.neuron_counts` returns.
+  :meth:`~ndpsched.policy.WindowActivity.neuron_counts` returns;
+- ``memo``: per window, what policies derive from the window's activity alone (Hermes' FSM states
+  at its end, say), handed to them as a :class:`WindowMemo`.
 
 Memory is bounded by :data:`REPLAY_CACHE_BYTES` per simulator; past it sequences are simply not
 cached and the simulator takes the O(toggles) path, with identical results.
 """
 from __future__ import annotations
+
+from typing import Callable, Hashable
 
 import numpy as np
 
@@ -36,6 +40,8 @@ class SequenceReplay:
         self.bits[0] = np.packbits(active_at_first)
         self.have[0] = True
         self.window_counts: dict[tuple[int, int], np.ndarray] = {}
+        self.memo: dict[tuple[int, int], dict] = {}
+        self.visits: dict[tuple[int, int], int] = {}
 
     @staticmethod
     def nbytes_for(n_neurons: int, n_rows: int, window_tokens: int) -> int:
@@ -70,3 +76,30 @@ class SequenceReplay:
         """(len(rows), len(ids)) uint8: whether neurons ``ids`` are active in each packed row."""
         shift = (7 - (ids & 7)).astype(np.uint8)
         return (rows.take(ids >> 3, axis=1) >> shift) & np.uint8(1)
+
+
+class WindowMemo:
+    """Placement-independent results a policy derives from one window of a replayed sequence
+    (Hermes' FSM states at the window's end, say), kept for the episodes that replay it.
+
+    ``visits`` counts the episodes that reached this window, this one included. A policy should
+    store only from the second visit on, so that a sequence simulated once (a sweep trial) pays
+    nothing for the memo. Stores past the simulator's replay budget are dropped (the policy then
+    computes as if nothing was kept).
+    """
+
+    def __init__(self, replay: SequenceReplay, t0: int, t1: int, reserve: Callable[[int], bool]) -> None:
+        self.window = window = (t0, t1)
+        self._store = replay.memo.setdefault(window, {})
+        self.visits = replay.visits[window] = replay.visits.get(window, 0) + 1
+        self._reserve = reserve
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        """The value stored under ``key`` (name it after the policy and its parameters), or None."""
+        return self._store.get(key)
+
+    def put(self, key: Hashable, value: np.ndarray) -> None:
+        """Keep ``value`` (made read-only) for later visits, if the replay budget allows."""
+        if key not in self._store and self._reserve(value.nbytes):
+            value.flags.writeable = False
+            self._store[key] = value

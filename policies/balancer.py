@@ -9,11 +9,13 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from ndpsched.policy import BalanceMoves, BalancerPolicy, Placement, SchedContext, WindowActivity
+from ndpsched.trace import NeuronLayout
 from ndpsched.registry import register_policy
 
 
@@ -72,17 +74,33 @@ def _window_candidates(ctx: SchedContext, window: WindowActivity, placement: Pla
     With ``stride`` > 1 only every stride-th neuron of each group is examined, starting at
     ``offset`` (callers rotate it, so every neuron is a candidate every ``stride`` windows).
     """
-    lay, o = ctx.layout, offset % stride
-    layer, kind = np.divmod(groups, 2)
-    starts = layer * lay.per_layer + kind * lay.d_qkv + o
-    sizes = (np.where(kind == 0, lay.d_qkv, lay.d_ffn) - o + stride - 1) // stride
-    ends = np.cumsum(sizes)
-    ids = np.repeat(starts - (ends - sizes) * stride, sizes) + np.arange(ends[-1] if len(ends) else 0) * stride
-    ids = ids.take(np.flatnonzero(~placement.on_gpu.take(ids)))
+    members, ptr = _strided_members(ctx.layout, stride)[offset % stride]
+    if len(groups) == len(ptr) - 1:
+        ids = members
+    else:
+        ids = np.concatenate([members[ptr[g]: ptr[g + 1]] for g in groups.tolist()])
     counts = window.neuron_counts(ids)
-    fired = np.flatnonzero(counts)
-    ids = ids.take(fired)
-    return ids, placement.home_dimm.take(ids).astype(np.int64), counts.take(fired)
+    keep = np.flatnonzero((counts > 0) & ~placement.on_gpu.take(ids))
+    ids = ids.take(keep)
+    return ids, placement.home_dimm.take(ids).astype(np.int64), counts.take(keep)
+
+
+@functools.lru_cache(maxsize=8)
+def _strided_members(layout: NeuronLayout, stride: int) -> list[tuple[np.ndarray, list[int]]]:
+    """Per offset o < ``stride``: the neurons at positions o, o + stride, ... of every group,
+    group after group (read-only intp array), and where each group's run starts (G + 1 ints)."""
+    layer, kind = np.divmod(np.arange(layout.n_groups), 2)
+    starts = layer * layout.per_layer + kind * layout.d_qkv
+    lengths = np.where(kind == 0, layout.d_qkv, layout.d_ffn)
+    out = []
+    for o in range(stride):
+        sizes = np.maximum(lengths - o + stride - 1, 0) // stride
+        ends = np.cumsum(sizes)
+        ids = np.repeat(starts + o - (ends - sizes) * stride, sizes) + np.arange(ends[-1]) * stride
+        ids = ids.astype(np.intp)
+        ids.flags.writeable = False
+        out.append((ids, [0, *ends.tolist()]))
+    return out
 
 
 def _imbalanced_groups(window: WindowActivity, tolerance: float) -> np.ndarray:
@@ -163,9 +181,10 @@ class HermesWindow(WindowRebalancer):
         load = window.device_load[groups, 1:]                       # (G, J) Z_j per stage
         dimm_at_rank = np.argsort(-load, axis=1, kind="stable")      # rank -> DIMM
         rank_of_dimm = np.argsort(dimm_at_rank, axis=1, kind="stable")
-        partner = np.take_along_axis(dimm_at_rank, J - 1 - rank_of_dimm, axis=1)
+        row = (np.arange(len(groups)) * J)[:, None]                  # flat (stage, .) offsets
+        partner = dimm_at_rank.take(row + (J - 1) - rank_of_dimm)
         busy_cell = (rank_of_dimm < J // 2).ravel()                 # pairs (r, J-1-r), r < J/2
-        half_gap = (self.params.move_fraction * (load - np.take_along_axis(load, partner, axis=1)) / 2.0).ravel()
+        half_gap = (self.params.move_fraction / 2.0) * (load.ravel() - load.take(row + partner).ravel())
         # candidates on a busy DIMM, by cell, most activated first (one radix-sortable key)
         cell = np.searchsorted(groups, self.ctx.group_of[ids]) * J + home
         keep = np.flatnonzero(busy_cell.take(cell))

@@ -38,8 +38,13 @@ class SaturatingStates:
         if token >= 2**(31 - _T_SHIFT):
             raise ValueError(f"token {token} is too large for the packed state word")
         # int32 words (12 MB for llama2-70b) keep the per-toggle gathers cache friendly
-        self.word = ((np.int32(token) << _T_SHIFT) | (np.asarray(states, np.int32) << _ACTIVE_BITS)
-                     | (np.asarray(active) > 0).astype(np.int32))
+        self.word = self.pack(states, active, token)
+
+    @staticmethod
+    def pack(states: np.ndarray, active: np.ndarray, token: int) -> np.ndarray:
+        """(N,) int32 words of counters ``states`` after ``token`` and activity ``active`` then."""
+        return ((np.int32(token) << _T_SHIFT) | (np.asarray(states, np.int32) << _ACTIVE_BITS)
+                | (np.asarray(active) > 0).astype(np.int32))
 
     def _eval(self, word: np.ndarray, token) -> np.ndarray:
         t_ref = word >> _T_SHIFT

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,80 +172,156 @@ class HermesAdjust(HermesIlp):
         from .fsm import SaturatingStates, initial_states
 
         ctx = self.ctx
-        self.states = SaturatingStates(initial_states(ctx.prefill_freqs), active > 0, token,
+        if getattr(self, "_initial_for", None) is not ctx.prefill_freqs:    # episodes share it
+            self._initial_for, self._initial_states = ctx.prefill_freqs, initial_states(ctx.prefill_freqs)
+        self.states = SaturatingStates(self._initial_states, active > 0, token,
                                        self.params.state_inc, self.params.state_dec)
-        # every neuron that fired since the last decision, plus the prompt's active set
-        self._seen = [np.flatnonzero(active)]
+        # tokens observed since the state words were brought up to date (see _state_lookup)
+        self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
+        # (token, (N,) states, window) when a replay memo answered and the words were left behind
+        self._behind: tuple | None = None
+        # neurons that turned on since the last decision (first: the prompt's active set), and the
+        # still-hot candidates the last decision had no room for
+        self._turned_on = [np.flatnonzero(active > 0)]
+        self._leftover = np.zeros(0, dtype=np.intp)
+        self._carried: np.ndarray | None = None      # (N,) bool pool of a window nothing was decided on
         self._pool = None
-        self._stamp = np.zeros(ctx.n_neurons, dtype=np.int64)
+        self._hot: np.ndarray | None = None          # see _hot_ids
         self.promotions = 0
 
     def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
-        self.states.toggle(on, off, token)
-        self._seen.append(on)
+        self._pending.append((token, on, off))
+        self._turned_on.append(on)
         self._pool = None
 
-    def _candidate_pool(self, placement: Placement, token: int) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct cold neurons that fired since the last decision and their states at ``token``;
-        kept until the next token or decision, so an observer (the HotCold env) and the decision
-        at the same window end share one computation."""
-        pool = getattr(self, "_pool", None)
-        if pool is None or pool[0] != token:
-            seen = np.concatenate(self._seen)
-            cand = self._distinct(seen[~placement.on_gpu[seen]])
-            pool = (token, cand, self.states.states(cand, token))
+    def _state_lookup(self, window: WindowActivity):
+        """A function giving the FSM states of neuron ids after the window's last token.
+
+        The states depend on the sequence's activity alone, so where the window belongs to a
+        replayed sequence they are kept in its memo from the second visit on ((N,) uint8), and an
+        episode replaying it reads them without updating the per-neuron words token by token.
+        Otherwise the observed tokens' toggles are applied to the words (O(toggles))."""
+        now, memo = window.t1 - 1, window.memo
+        key = ("hermes.adjust.states", self.params.state_inc, self.params.state_dec)
+        dense = memo.get(key) if memo is not None else None
+        if dense is not None:
+            self._pending.clear()
+            self._behind = (now, dense, window)
+            return dense.take
+        self._catch_up()
+        if memo is not None and memo.visits > 1:
+            dense = self.states.all_states(now).astype(np.uint8)
+            memo.put(key, dense)
+            return dense.take
+        return functools.partial(self.states.states, token=now)
+
+    def _catch_up(self) -> None:
+        """Bring the state words up to the last observed token."""
+        from .fsm import SaturatingStates
+
+        if self._behind is not None:
+            token, dense, window = self._behind
+            self.states.word = SaturatingStates.pack(dense, window.active > 0, token)
+            self._behind = None
+        for token, on, off in self._pending:
+            self.states.toggle(on, off, token)
+        self._pending.clear()
+
+    def _candidate_pool(self, placement: Placement, window: WindowActivity) -> tuple[np.ndarray, np.ndarray]:
+        """Cold neurons that turned on since the last decision (or were left over by it), by id,
+        and their states at the window's end; kept until the next token or decision, so an
+        observer (the HotCold env) and the decision at the same window end share one computation."""
+        pool = self._pool
+        if pool is None or pool[0] != window.t1:
+            mask = self._carried if self._carried is not None else np.zeros(self.ctx.n_neurons, dtype=bool)
+            for ids in self._turned_on:
+                mask[ids] = True
+            mask[self._leftover] = True
+            # kept as the start of the next pool unless a decision consumes it
+            self._carried, self._turned_on, self._leftover = mask, [], self._leftover[:0]
+            cand = np.flatnonzero(mask > placement.on_gpu)
+            states = self._state_lookup(window)
+            pool = (window.t1, cand, states(cand), states)
             self._pool = pool
         return pool[1], pool[2]
 
-    def candidate_state_histogram(self, placement: Placement, token: int) -> np.ndarray:
-        """(16,) how many distinct cold neurons that fired since the last decision are in each
-        FSM state at ``token`` (what the next decision picks its promotions from)."""
-        return np.bincount(self._candidate_pool(placement, token)[1], minlength=16)
+    def candidate_state_histogram(self, placement: Placement, window: WindowActivity) -> np.ndarray:
+        """(16,) how many candidates of the next decision (cold neurons that turned on since the
+        last one) are in each FSM state at the window's end."""
+        return np.bincount(self._candidate_pool(placement, window)[1], minlength=16)
 
-    def _distinct(self, ids: np.ndarray) -> np.ndarray:
-        """Distinct ids (each at its last occurrence), in O(n): the last write into the stamp wins."""
-        self._stamp[ids] = np.arange(len(ids))
-        return ids[self._stamp[ids] == np.arange(len(ids))]
+    def _hot_ids(self, on_gpu: np.ndarray) -> np.ndarray:
+        """Ids of the GPU-resident neurons, by id: the set this policy's last moves left, if the
+        placement still has exactly it (a count and a gather), else a scan."""
+        hot = self._hot
+        if hot is None or len(hot) != np.count_nonzero(on_gpu) or not on_gpu.take(hot).all():
+            hot = self._hot = np.flatnonzero(on_gpu)
+        return hot
+
+    def _stage_bounds(self, ids: np.ndarray) -> np.ndarray:
+        """(G,) count of sorted ``ids`` in each stage (a stage's neurons are consecutive ids)."""
+        starts = getattr(self, "_stage_starts", None)
+        if starts is None:
+            lay = self.ctx.layout
+            layer, kind = np.divmod(np.arange(lay.n_groups + 1), 2)
+            starts = self._stage_starts = layer * lay.per_layer + kind * lay.d_qkv
+        return np.diff(np.searchsorted(ids, starts))
 
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
-        ctx, p, now = self.ctx, self.params, window.t1 - 1
-        pool, pool_state = self._candidate_pool(placement, now)
+        ctx, p = self.ctx, self.params
+        pool, pool_state = self._candidate_pool(placement, window)
+        states = self._pool[3]
         self._pool = None                    # the decision changes the placement and the pool
-        hot_enough = pool_state > p.hot_threshold
-        cand, cand_state = pool[hot_enough], pool_state[hot_enough]
-        if len(cand) == 0:
-            return None
-        hot = np.flatnonzero(placement.on_gpu)
-        if len(hot) == 0:
-            return None
-        hot_state = self.states.states(hot, now)
+        hot = self._hot_ids(placement.on_gpu)
+        if len(hot) == 0 or not (pool_state > p.hot_threshold).any():
+            return None                      # nothing decided: the pool carries over
+        self._carried = None
         n_stage = ctx.layout.n_groups
-        # candidates by stage, highest state first; evictees by stage, lowest state first (ties by
-        # neuron id). 16-bit keys let numpy's stable argsort run as a radix sort.
+        # candidates by stage, highest state first; evictees by stage, lowest state first, ties by
+        # neuron id: pool and hot set are by id (so their stages are runs), and 16-bit keys let
+        # numpy's stable argsort run as a radix sort
         key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
-        c_order = np.argsort((ctx.group_of[cand] * 16 + (15 - cand_state)).astype(key_dtype), kind="stable")
-        e_order = np.argsort((ctx.group_of[hot] * 16 + hot_state).astype(key_dtype), kind="stable")
-        cand, cand_state = cand[c_order], cand_state[c_order]
-        hot, hot_state = hot[e_order], hot_state[e_order]
-        c_stage, e_stage = ctx.group_of[cand], ctx.group_of[hot]
-        c_count = np.bincount(c_stage, minlength=n_stage)
-        c_rank = np.arange(len(cand)) - (np.cumsum(c_count) - c_count)[c_stage]
-        e_count = np.bincount(e_stage, minlength=n_stage)
-        e_first = np.cumsum(e_count) - e_count
-        pair = c_rank < e_count[c_stage]
-        e_idx = np.where(pair, e_first[c_stage] + c_rank, 0)
-        swap = pair & (cand_state > hot_state[e_idx])
+        stage16 = np.arange(n_stage, dtype=key_dtype) * 16
+        c_key = np.repeat(stage16, self._stage_bounds(pool)) + (15 - pool_state).astype(key_dtype)
+        # cells (stage, 15 - state) that can promote: states above T_h and, with hidden copies,
+        # only the first 3 x cap candidates of a stage (it promotes at most cap and keeps 2 x cap
+        # leftovers), so whole cells past them are dropped before the sort
+        usable = np.broadcast_to(np.arange(16) < 15 - p.hot_threshold, (n_stage, 16))
+        cap = None
         if p.hide_copies:
             cm = ctx.cost
             per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw              # bytes hidden per layer
-            cap = np.floor(p.promote_scale * per_layer / 2 / ctx.cost.neuron_bytes[c_stage % 2]).astype(np.int64)
-            swap &= c_rank < cap
+            cap = np.floor(p.promote_scale * per_layer / 2 / cm.neuron_bytes[np.arange(n_stage) % 2]).astype(np.int64)
+            cell_count = np.bincount(c_key, minlength=n_stage * 16).reshape(n_stage, 16) * usable
+            usable = usable & (np.cumsum(cell_count, axis=1) - cell_count < 3 * cap[:, None])
+        sel = np.flatnonzero(usable.ravel().take(c_key))
+        c_order = sel.take(np.argsort(c_key.take(sel), kind="stable"))
+        cand, cand_state, c_stage = pool.take(c_order), pool_state.take(c_order), c_key.take(c_order) // 16
+        hot_state = states(hot)
+        e_count = self._stage_bounds(hot)
+        e_order = np.argsort(np.repeat(stage16, e_count) + hot_state.astype(key_dtype), kind="stable")
+        hot_state = hot_state.take(e_order)
+        c_count = np.bincount(c_stage, minlength=n_stage)
+        c_rank = np.arange(len(cand)) - (np.cumsum(c_count) - c_count).take(c_stage)
+        e_first = np.cumsum(e_count) - e_count
+        pair = c_rank < e_count.take(c_stage)
+        e_idx = np.where(pair, e_first.take(c_stage) + c_rank, 0)
+        swap = pair & (cand_state > hot_state.take(e_idx))
+        if cap is not None:
+            c_cap = cap.take(c_stage)
+            swap &= c_rank < c_cap
             # candidates still hot are re-examined next window even without a new toggle; a
             # stage can take at most ``cap`` per window, so its best 2 x cap leftovers suffice
-            self._seen = [cand[~swap & (c_rank < 2 * cap + cap)]]
+            self._leftover = cand[~swap & (c_rank < 3 * c_cap)]
         else:
-            self._seen = [cand[~swap]]
+            self._leftover = cand[~swap]
         if not swap.any():
             return None
         self.promotions += int(swap.sum())
-        return PartitionMoves(cand[swap], hot[e_idx[swap]])
+        promote, evicted_at = cand[swap], e_order.take(e_idx[swap])     # positions in ``hot``
+        # the hot set these moves leave, by id (checked against the placement next time)
+        keep = np.ones(len(hot), dtype=bool)
+        keep[evicted_at] = False
+        kept, added = hot[keep], np.sort(promote)
+        self._hot = np.insert(kept, np.searchsorted(kept, added), added)
+        return PartitionMoves(promote, hot.take(evicted_at))

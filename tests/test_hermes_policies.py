@@ -234,3 +234,37 @@ def test_hermes_adjust_promotes_hot_states_only(tiny_model, tiny_hw, tiny_trace)
     for promoted, evicted in seen:
         assert np.all(promoted > 10)
         assert np.all(promoted > evicted)
+
+
+def test_hermes_adjust_replayed_states_equal_token_updates(tiny_model, tiny_hw, tiny_trace, monkeypatch):
+    """Episodes replaying a sequence read hermes.adjust's FSM states from the replay memo (stored
+    on the second visit) instead of updating them token by token; where the memo lacks a window
+    the states are rebuilt from the last memo and the tokens since. Every episode must promote,
+    evict and price exactly as a run with no replay cache."""
+    import ndpsched.simulator as simulator
+    from ndpsched.replay import WindowMemo
+
+    from .test_simulator import _sim
+
+    def episodes(n):
+        part = _RandomStartAdjust(registry("partition").create("hermes.adjust", {"hide_copies": False}).params)
+        hw, cost = _fast_gpu(tiny_hw)
+        sim = _sim(tiny_model, hw, tiny_trace, part, registry("balancer").create("hermes.window"), 1,
+                   cost_params=cost, seqs=[1])
+        start = sim.start(seqs=[1]).initial_placement.freeze()       # the envs' shared start
+        return sim, [sim.run(seqs=[1], initial=start) for _ in range(n)]
+
+    sim, replayed = episodes(3)
+    assert any("hermes.adjust.states" in str(k) for memo in sim._replays[1].memo.values() for k in memo)
+    # a memo that only kept the first windows: the third episode hits, then catches up
+    put = WindowMemo.put
+    monkeypatch.setattr(WindowMemo, "put", lambda self, key, value: put(self, key, value)
+                        if self.window[1] <= 12 + 10 else None)          # prompt 12, windows of 5
+    sim, partial = episodes(3)
+    assert 0 < sum(len(m) for m in sim._replays[1].memo.values()) < len(sim._replays[1].memo)
+    monkeypatch.setattr(simulator, "REPLAY_CACHE_BYTES", 0)
+    plain, uncached = episodes(1)
+    assert not plain._replays
+    assert uncached[0].moves["promoted"] > 0
+    for run in (*replayed, *partial):
+        assert np.array_equal(run.token_s, uncached[0].token_s) and run.moves == uncached[0].moves
