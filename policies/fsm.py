@@ -62,22 +62,27 @@ class SaturatingStates:
         """(N,) every counter after ``token`` (O(N): for tests and reports)."""
         return self._eval(self.word, token)
 
-    def toggle(self, on: np.ndarray, off: np.ndarray, token: int) -> None:
+    def toggle(self, on: np.ndarray, off: np.ndarray, token: int) -> tuple[np.ndarray, np.ndarray]:
         """Neurons ``on`` start firing at ``token``, ``off`` stop; each id unique within its list.
 
         The counter is brought to the token before the change (an 'on' neuron was idle since its
         last toggle, an 'off' one firing) and restarted from there with the new activity.
+        Returns those counters (after ``token - 1``) of ``on`` and of ``off``.
         """
         mask = (1 << _STATE_BITS) - 1
         stamp = np.int32((token - 1) << _T_SHIFT)
-        if len(on):
-            w = self.word[on]
-            s = np.maximum(0, ((w >> _ACTIVE_BITS) & mask) - self.dec * ((token - 1) - (w >> _T_SHIFT)))
-            self.word[on] = stamp | (s << _ACTIVE_BITS) | 1
-        if len(off):
-            w = self.word[off]
-            s = np.minimum(self.max_state, ((w >> _ACTIVE_BITS) & mask) + self.inc * ((token - 1) - (w >> _T_SHIFT)))
-            self.word[off] = stamp | (s << _ACTIVE_BITS)
+        out = []
+        for ids, firing in ((on, True), (off, False)):
+            if not len(ids):
+                out.append(np.zeros(0, dtype=np.int32))
+                continue
+            w = self.word[ids]
+            s, elapsed = (w >> _ACTIVE_BITS) & mask, (token - 1) - (w >> _T_SHIFT)
+            # an 'on' neuron was idle since its last toggle, an 'off' one firing
+            s = np.maximum(0, s - self.dec * elapsed) if firing else np.minimum(self.max_state, s + self.inc * elapsed)
+            self.word[ids] = stamp | (s << _ACTIVE_BITS) | int(firing)
+            out.append(s)
+        return out[0], out[1]
 
     def memory_bytes(self, n_neurons: int) -> int:
         """Size of the hardware table Hermes keeps: 4 bits per neuron."""

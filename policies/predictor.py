@@ -94,7 +94,8 @@ class HermesFsm(PredictorPolicy):
         self.parents = parents
         self.first_layer = ctx.layer_of == 0
         try:
-            self.child = child_maps(parents, n)
+            # layer 0 has no previous layer: its s2 is fixed (see below), whatever the table says
+            self.child = child_maps(np.where(self.first_layer[:, None], -1, parents), n)
         except ValueError:
             raise ConfigError("hermes.fsm: the correlation table must map each neuron to at most one "
                               "child per column") from None
@@ -103,6 +104,9 @@ class HermesFsm(PredictorPolicy):
         self.states = SaturatingStates(initial_states(ctx.prefill_freqs), act, token, p.state_inc, p.state_dec)
         valid = parents >= 0
         self.s2 = np.where(valid, act[np.maximum(parents, 0)], 0).sum(axis=1).astype(np.int8)
+        # layer 0 has no previous layer: as if both correlated neurons fired (no neuron has a
+        # layer-0 child map entry, so this never changes)
+        self.s2[self.first_layer] = 2
         # prediction for the first decode token with the parents' activity of the last prompt
         # token; a parent that toggles at that token re-evaluates its children then
         self.pred = self._rule(np.arange(n), token + 1)
@@ -134,20 +138,21 @@ class HermesFsm(PredictorPolicy):
         """Prediction for ``token`` of neurons ``idx`` (s1 after token-1, s2 now)."""
         p = self.params
         s1 = self.states.states(idx, token - 1)
-        s2 = np.where(self.first_layer[idx], 2, self.s2[idx])
+        s2 = self.s2[idx]
         if p.mode == "token":
             return s1 > p.token_threshold
         if p.mode == "layer":
             return s2 >= 1
         return s1 + p.lam * s2 > p.threshold
 
-    def _schedule(self, ids: np.ndarray, token: int, rising: bool) -> None:
+    def _schedule(self, ids: np.ndarray, token: int, rising: bool, s0: np.ndarray | None = None) -> None:
         """Queue the tokens at which the trajectory of ``ids``, firing (rising) or idle from
-        ``token`` on, crosses a level: the state after token-1+k is s0 +- k steps, and it decides
-        the prediction for token+k."""
+        ``token`` on, crosses a level: the state after token-1+k is ``s0`` (their states after
+        token-1; read if None) +- k steps, and it decides the prediction for token+k."""
         if not self.levels or len(ids) == 0:
             return
-        s0 = self.states.states(ids, token - 1)
+        if s0 is None:
+            s0 = self.states.states(ids, token - 1)
         for li, (v, _) in enumerate(self.levels):
             if rising:
                 k = -((s0 - v) // max(self.params.state_inc, 1))      # ceil((v - s0) / inc)
@@ -185,8 +190,7 @@ class HermesFsm(PredictorPolicy):
             ids = np.concatenate(ids)
             if s2_needed is not None:
                 # crossing this level flips a prediction only for neurons with that s2 (layer 0: 2)
-                s2 = np.where(self.first_layer[ids], 2, self.s2[ids])
-                ids = ids[s2 == s2_needed]
+                ids = ids[self.s2[ids] == s2_needed]
             due.append(ids)
         cand = np.concatenate([*kids, on, off, *due])
         # dedupe with a stamp: keep the last occurrence of every id
@@ -200,9 +204,9 @@ class HermesFsm(PredictorPolicy):
         new_act = self.act[cand]
         self.pred[cand] = new_pred
         # 2. the state table learns token t's activity; schedule the new trajectories' crossings
-        self.states.toggle(on, off, token)
-        self._schedule(on, token, rising=True)
-        self._schedule(off, token, rising=False)
+        s_on, s_off = self.states.toggle(on, off, token)
+        self._schedule(on, token, rising=True, s0=s_on)
+        self._schedule(off, token, rising=False, s0=s_off)
         # 3. statistics and the computed set's toggles
         c = self._count
         c[0] += int(new_act.sum()) - int(old_act.sum())
