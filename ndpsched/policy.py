@@ -308,7 +308,8 @@ class PredictorPolicy(Policy):
         """Called once per sequence before the first decode step, with that sequence's (N,)
         activity at ``token`` (the last prompt token)."""
         self.reset(ctx)
-        self._begin_active = np.asarray(active) > 0
+        active = np.asarray(active)
+        self._begin_active = active if active.dtype == bool else active > 0
 
     def initial_computed(self) -> np.ndarray:
         """(N,) bool computed set at the last prompt token (default: what was active)."""

@@ -228,7 +228,9 @@ class Simulator:
                 offline = self._prompt_cache["prompts"][0]
         if offline.shape != (self.layout.n_neurons,):
             raise TraceError(f"offline profile has shape {offline.shape}, expected ({self.layout.n_neurons},)")
-        policy_rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(1)[0])
+        if getattr(self, "_policy_seed", None) is None:       # (spawning costs more than the rest)
+            self._policy_seed = np.random.SeedSequence(self.seed).spawn(1)[0]
+        policy_rng = np.random.default_rng(self._policy_seed)
         return SchedContext(self.model, self.hw, self.cost, self.layout, self.batch, self.window_tokens,
                             offline, prefill, gpu_budget, dimm_budget, policy_rng,
                             layer_parents=getattr(trace, "layer_parents", None))
@@ -326,16 +328,19 @@ class DecodeRun:
                 derived = (*derived[:2], tag)
                 self.initial_placement.derived[(n_dev, key_dtype)] = derived
         self.dimm_bytes = derived[0].copy()
+        derived[1].flags.writeable = False                 # the start's keys; the run's are a copy
         self.key_of = derived[1].copy()
         self._placement_tag = derived[2]
 
         # batch activity at the last prompt token; the first decode step applies token P's toggles
-        self._active = active = np.zeros(sim.layout.n_neurons, dtype=np.uint8)
         self._active_packed: np.ndarray | None = None      # see the ``active`` property
         self.predictors = [copy.deepcopy(sim.predictor) for _ in range(B)]
         for s, pred in zip(self.seqs, self.predictors):
             pred.begin(ctx, sim.prompt_state(s)[1], P - 1)
-            active += pred.initial_computed().astype(np.uint8)   # what the first step starts from
+        # what the first step starts from
+        self._active = active = self.predictors[0].initial_computed().astype(np.uint8)
+        for pred in self.predictors[1:]:
+            active += pred.initial_computed()
         for policy in (sim.partition, sim.balancer):
             policy.start(active, P - 1)
         self.observers = [p for p in (sim.partition, sim.balancer) if p.observes_tokens]
@@ -352,7 +357,7 @@ class DecodeRun:
         if self.whole_window:
             # per-token count deltas under the initial keys (cached per sequence and placement);
             # each window then only corrects the toggles of neurons moved since the start
-            self.base_key = self.key_of.copy()
+            self.base_key = derived[1]
             self.moved = np.zeros(sim.layout.n_neurons, dtype=bool)
             self.moved_ids = np.zeros(0, dtype=np.intp)            # the ids where moved is True
             self.n_moved = 0

@@ -61,6 +61,9 @@ def main() -> int:
                     help="also time the same trials in a plain multiprocessing pool (no Ray, no Optuna): "
                          "separates Ray overhead from the machine's own per-core slowdown under load")
     ap.add_argument("--trial", choices=sorted(TRIALS), default="hermes", help="what every trial simulates")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the machine's own ceiling: N copies of a CPU-bound pure-Python loop (no Ray, no "
+                         "numpy), whose per-copy slowdown bounds any parallel efficiency on this machine")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default malloc settings in the workers (the reference for ndpsched's)")
     args = ap.parse_args()
@@ -99,14 +102,21 @@ def main() -> int:
     ray.shutdown()
     if args.pool_baseline:
         pool_rows = pool_baseline(args, counts)
+    ceiling = {} if args.no_ceiling else machine_ceiling(counts)
     base = rows[0][3] / rows[0][0]
     print(f"trial {args.trial}, model {args.model}, gen_len {args.gen_len}, {args.trials_per_worker} trials per worker, "
           f"{os.cpu_count()} CPUs, malloc {'glibc defaults' if args.default_malloc else 'ndpsched WORKER_ENV'}")
-    print("| workers | trials | span (s) | trials/min | mean trial (s) | speed-up | efficiency | failed |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    extra = " machine ceiling |" if ceiling else ""
+    print("| workers | trials | span (s) | trials/min | mean trial (s) | speed-up | efficiency | failed |" + extra)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ceiling else ""))
     for w, n, span, tpm, trial_s, failed in rows:
+        cell = f" {100 * ceiling[w]:.0f} % |" if ceiling else ""
         print(f"| {w} | {n} | {span:.1f} | {tpm:.1f} | {trial_s:.2f} | {tpm / (base):.2f} | "
-              f"{100 * tpm / (w * base):.0f} % | {failed} |")
+              f"{100 * tpm / (w * base):.0f} % | {failed} |" + cell)
+    if ceiling:
+        print("\nmachine ceiling: time of one copy of a CPU-bound pure-Python loop alone over its time with N "
+              "copies running at once (median of 3 rounds): what this machine's cores keep of their speed "
+              "when N are busy (clock boost, shared caches, the host), an upper bound of any efficiency")
     if args.pool_baseline:
         pbase = pool_rows[0][2]
         print()
@@ -126,6 +136,29 @@ def _pool_trial(args_tuple):
     t0 = time.perf_counter()
     simulate_objective(payload, params)
     return time.perf_counter() - t0
+
+
+def _spin(_=None) -> float:
+    """Seconds a fixed pure-Python loop takes (CPU-bound: no memory traffic, no numpy)."""
+    t0 = time.perf_counter()
+    acc = 0
+    for i in range(4_000_000):
+        acc += i * i
+    return time.perf_counter() - t0
+
+
+def machine_ceiling(counts: list[int], rounds: int = 3) -> dict[int, float]:
+    """Per worker count N: the loop's time alone over its mean time with N copies at once."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    mean_s = {}
+    for w in sorted({1, *counts}):
+        with ctx.Pool(w) as pool:
+            pool.map(_spin, range(w))                    # warm the processes
+            mean_s[w] = statistics.median(statistics.mean(pool.map(_spin, range(w), chunksize=1))
+                                          for _ in range(rounds))
+    return {w: mean_s[1] / mean_s[w] for w in counts}
 
 
 def _draw(space: dict[str, str], rng) -> dict[str, float]:
