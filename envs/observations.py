@@ -50,11 +50,12 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
             for promotion (HotCold), or None.
     """
     sim, cost = run.sim, out.cost
-    n = out.n_tokens
     load = out.activity.device_load[:, 1:]                   # (2L, J) activations per stage, DIMM
     # stage max/mean - 1, sorted (quantiles and exceedances by indexing); the 1e-30 makes an
-    # idle stage 0 and changes no busy stage's ratio (its loads are whole activations)
-    excess = (load.max(axis=1) * load.shape[1] + 1e-30) / (load.sum(axis=1) + 1e-30) - 1.0
+    # idle stage 0 and changes no busy stage's ratio (its loads are whole activations). This runs
+    # at every env step: reductions over the rows of a (J, 2L) copy are the cheapest here.
+    by_dimm = load.T.copy()
+    excess = (np.maximum.reduce(by_dimm) * load.shape[1] + 1e-30) / (np.add.reduce(by_dimm) + 1e-30) - 1.0
     excess.sort()
     n_stages = len(excess)
     over = (n_stages - np.searchsorted(excess, _TOLERANCES, side="right")) / n_stages
@@ -63,13 +64,13 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     compute = comps["gpu_compute"] + comps["dimm_compute"]
     cm = sim.cost
     hidden_s = cm.fixed_times_s(sim.batch)[2] * sim.model.n_layers   # migration time hidden per window (projection)
-    imbalance = cost.dimm_imbalance
-    per_dimm = load.sum(axis=0)
-    per_dimm.sort()
-    total = float(per_dimm.sum())
+    imbalance = cost.dimm_imbalance.tolist()
+    per_dimm = np.sort(out.device_activations[1:] if out.device_activations is not None else load.sum(axis=0))
+    total = out.all_activations - out.gpu_activations
+    J = len(per_dimm)
     feats = [
-        window_s / n / reference_token_s,
-        float(imbalance.sum()) / len(imbalance) - 1.0,
+        window_s / out.n_tokens / reference_token_s,
+        sum(imbalance) / len(imbalance) - 1.0,
         *over.tolist(),
         *excess[[n_stages // 2, int(0.9 * (n_stages - 1)), -1]].tolist(),
         out.gpu_activations / out.all_activations if out.all_activations else 0.0,
@@ -79,7 +80,7 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
         run.next_step / sim.gen_len,
         comps["dimm_compute"] / compute if compute > 0 else 0.0,
         # DIMM loads from the busiest down, over their mean
-        *((per_dimm[::-1] * (len(per_dimm) / total)).tolist() if total > 0 else [1.0] * len(per_dimm)),
+        *((per_dimm[::-1] * (J / total)).tolist() if total > 0 else [1.0] * J),
     ]
     if candidate_states is not None:
         # candidates above each threshold, per neuron the hidden PCIe copies allow per window
@@ -107,10 +108,12 @@ class ObservationStack:
         self._hist[:] = 0.0
 
     def push(self, features: np.ndarray) -> np.ndarray:
-        self._hist[:-1] = self._hist[1:]
-        # (np.clip's Python wrapper costs more than the two ufuncs)
-        self._hist[-1] = np.minimum(np.maximum(features, 0.0), FEATURE_MAX)
-        return self._hist.reshape(-1).copy()
+        """Add a window's features (clipped) and return the flat history (a new array)."""
+        hist = self._hist
+        hist[:-1] = hist[1:]
+        hist[-1] = features.clip(0.0, FEATURE_MAX)       # (the method: np.clip's wrapper is slower)
+        return hist.flatten()    # a copy: a view would change with the next push
+
 
 
 def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.ndarray | None:

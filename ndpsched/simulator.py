@@ -272,14 +272,15 @@ class WindowOutcome:
     activity: WindowActivity        # what online policies see at the window's end
     gpu_activations: float          # neuron activations computed on the GPU in the window
     all_activations: float          # all neuron activations in the window
+    #: (J+1,) neuron activations per device (GPU first) in the window
+    device_activations: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.window_s = float(self.cost.step_s.sum())     # seconds of the window's tokens
 
     @property
     def n_tokens(self) -> int:
         return self.t1 - self.t0
-
-    @functools.cached_property
-    def window_s(self) -> float:
-        return float(self.cost.step_s.sum())
 
 
 class DecodeRun:
@@ -477,7 +478,7 @@ class DecodeRun:
             memo = WindowMemo(self.replay, P + w0, P + w1, sim._reserve_replay_bytes)
         activity = WindowActivity(P + w0, P + w1, window_load, self._active_source() if self.keep_active else None,
                                   toggles, scratch=self.scratch, window_counts=counts, memo=memo)
-        self.last = WindowOutcome(P + w0, P + w1, cost, activity, float(per_dev[0]), float(per_dev.sum()))
+        self.last = WindowOutcome(P + w0, P + w1, cost, activity, float(per_dev[0]), float(per_dev.sum()), per_dev)
         # policies that observe the whole run (learned policies, hindsight oracles) reach it here
         activity.run, activity.outcome = self, self.last
         self.prior_decision, self.decision = self.decision, dict.fromkeys(self.decision, 0.0)
