@@ -64,6 +64,9 @@ def main() -> int:
     ap.add_argument("--no-ceiling", action="store_true",
                     help="skip the machine's own ceiling: N copies of a CPU-bound pure-Python loop (no Ray, no "
                          "numpy), whose per-copy slowdown bounds any parallel efficiency on this machine")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the whole series of worker counts this many times, in turn, and keep each "
+                         "count's best round (a shared machine's speed drifts between rounds)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default malloc settings in the workers (the reference for ndpsched's)")
     args = ap.parse_args()
@@ -86,26 +89,28 @@ def main() -> int:
                   out_dir=Path(tmp) / "warmup")
         print(f"warm-up ({2 * max(counts)} trials on {max(counts)} workers): {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
-        for w in counts:
+        for rnd, w in ((r, w) for r in range(args.rounds) for w in counts):
             n = args.trials_per_worker * w
-            res = run_sweep(spec_for(args.model, args.gen_len, n, w, args.trial), workers=w, out_dir=Path(tmp) / f"w{w}")
+            out = Path(tmp) / f"r{rnd}w{w}"
+            res = run_sweep(spec_for(args.model, args.gen_len, n, w + 100 * rnd, args.trial), workers=w, out_dir=out)
             import optuna
 
-            study = optuna.load_study(study_name="scaling", storage=f"sqlite:///{Path(tmp) / f'w{w}' / 'study.db'}")
+            study = optuna.load_study(study_name="scaling", storage=f"sqlite:///{out / 'study.db'}")
             trials = study.get_trials(deepcopy=False)
             start = min(t.datetime_start for t in trials)
             end = max(t.datetime_complete for t in trials)
             span_s = (end - start).total_seconds()
             trial_s = statistics.mean(t.user_attrs.get("wall_s", float("nan")) for t in trials)
             rows.append((w, n, span_s, 60.0 * n / span_s, trial_s, res.n_failed))
-            print(f"workers {w}: {n} trials in {span_s:.1f} s", file=sys.stderr)
+            print(f"round {rnd}, workers {w}: {n} trials in {span_s:.1f} s", file=sys.stderr)
     ray.shutdown()
+    rows = [max((r for r in rows if r[0] == w), key=lambda r: r[3]) for w in counts]   # best round per count
     if args.pool_baseline:
         pool_rows = pool_baseline(args, counts)
     ceiling = {} if args.no_ceiling else machine_ceiling(counts)
     base = rows[0][3] / rows[0][0]
     print(f"trial {args.trial}, model {args.model}, gen_len {args.gen_len}, {args.trials_per_worker} trials per worker, "
-          f"{os.cpu_count()} CPUs, malloc {'glibc defaults' if args.default_malloc else 'ndpsched WORKER_ENV'}")
+          f"best of {args.rounds} round(s), {os.cpu_count()} CPUs, malloc {'glibc defaults' if args.default_malloc else 'ndpsched WORKER_ENV'}")
     extra = " machine ceiling |" if ceiling else ""
     print("| workers | trials | span (s) | trials/min | mean trial (s) | speed-up | efficiency | failed |" + extra)
     print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ceiling else ""))
