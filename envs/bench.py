@@ -33,10 +33,9 @@ def run_env_bench(env_ids: list[str] | None = None, model: str | None = "relulla
 
     Env and simulator alternate episode by episode on the same sequence, so a slow spell of the
     machine hits both; the rates are the best of ``repeats`` rounds, the overhead the median of
-    the rounds' ratios (a ratio of two best-ofs would mix rounds)."""
+    the rounds' ratios (a ratio of two best-ofs would mix rounds). The simulator is the env's own
+    (``Simulator.run`` from the env's start placement), so both read the same cached state."""
     import gymnasium as gym
-
-    from ndpsched.run import build_simulator
 
     rows = []
     for env_id in env_ids or list(ENV_IDS):
@@ -44,7 +43,7 @@ def run_env_bench(env_ids: list[str] | None = None, model: str | None = "relulla
         u = env.unwrapped
         action = u.heuristic_action()
         seqs_list = [[s % u.pool_size] for s in range(episodes)]
-        sim = build_simulator(u.config, u.sim.trace)
+        sim = u.sim
         env_s, sim_s, ratios = [], [], []
         steps = windows = 0
         for rep in range(repeats + 1):                # the first round warms the caches
