@@ -142,6 +142,12 @@ class HermesAdjust(HermesIlp):
     window. With ``hide_copies`` a stage copies at most what PCIe moves during one projection
     (the paper hides copies there; chosen so they never stall the layer), else all swaps happen
     and the execution model exposes what does not fit.
+
+    Candidates (chosen; the paper does not say how the hardware finds them): the cold neurons
+    that turned on since the last decision, plus the still-hot ones the last decision had no room
+    for; the best-state candidates of a stage replace its lowest-state GPU neurons, ties broken
+    by neuron id on both sides. On a replayed sequence the states come from the replay memo
+    (see :class:`~ndpsched.replay.WindowMemo`), with identical decisions.
     """
 
     observes_tokens = True
