@@ -233,10 +233,13 @@ class HermesAdjust(HermesIlp):
             self.states.toggle(on, off, token)
         self._pending.clear()
 
-    def _candidate_pool(self, placement: Placement, window: WindowActivity) -> tuple[np.ndarray, np.ndarray]:
-        """Cold neurons that turned on since the last decision (or were left over by it), by id,
-        and their states at the window's end; kept until the next token or decision, so an
-        observer (the HotCold env) and the decision at the same window end share one computation."""
+    def _candidate_pool(self, placement: Placement, window: WindowActivity) -> tuple:
+        """The next decision's candidates: cold neurons that turned on since the last decision (or
+        were left over by it), by id. Returns (window end, ids, their states at the window's end,
+        a function giving any neuron's state then, each candidate's (stage, 15 - state) cell as
+        a key ``stage * 16 + 15 - state``, (G, 16) candidates per cell). Kept until the next token
+        or decision, so an observer (the HotCold env) and the decision at the same window end
+        share one computation."""
         pool = self._pool
         if pool is None or pool[0] != window.t1:
             mask = self._carried if self._carried is not None else np.zeros(self.ctx.n_neurons, dtype=bool)
@@ -247,14 +250,21 @@ class HermesAdjust(HermesIlp):
             self._carried, self._turned_on, self._leftover = mask, [], self._leftover[:0]
             cand = np.flatnonzero(mask > placement.on_gpu)
             states = self._state_lookup(window)
-            pool = (window.t1, cand, states(cand), states)
-            self._pool = pool
-        return pool[1], pool[2]
+            cand_state = states(cand)
+            # the pool is by id, so its stages are runs; 16-bit keys let numpy's stable argsort
+            # run as a radix sort
+            n_stage = self.ctx.layout.n_groups
+            key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
+            key = (np.repeat(np.arange(n_stage, dtype=key_dtype) * 16, self._stage_bounds(cand))
+                   + (15 - cand_state).astype(key_dtype))
+            cells = np.bincount(key, minlength=n_stage * 16).reshape(n_stage, 16)
+            pool = self._pool = (window.t1, cand, cand_state, states, key, cells)
+        return pool
 
     def candidate_state_histogram(self, placement: Placement, window: WindowActivity) -> np.ndarray:
         """(16,) how many candidates of the next decision (cold neurons that turned on since the
         last one) are in each FSM state at the window's end."""
-        return np.bincount(self._candidate_pool(placement, window)[1], minlength=16)
+        return self._candidate_pool(placement, window)[5].sum(axis=0)[::-1]
 
     def _hot_ids(self, on_gpu: np.ndarray) -> np.ndarray:
         """Ids of the GPU-resident neurons, by id: the set this policy's last moves left, if the
@@ -275,8 +285,7 @@ class HermesAdjust(HermesIlp):
 
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p = self.ctx, self.params
-        pool, pool_state = self._candidate_pool(placement, window)
-        states = self._pool[3]
+        _, pool, pool_state, states, c_key, cells = self._candidate_pool(placement, window)
         self._pool = None                    # the decision changes the placement and the pool
         hot = self._hot_ids(placement.on_gpu)
         if len(hot) == 0 or not (pool_state > p.hot_threshold).any():
@@ -284,11 +293,9 @@ class HermesAdjust(HermesIlp):
         self._carried = None
         n_stage = ctx.layout.n_groups
         # candidates by stage, highest state first; evictees by stage, lowest state first, ties by
-        # neuron id: pool and hot set are by id (so their stages are runs), and 16-bit keys let
-        # numpy's stable argsort run as a radix sort
-        key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
+        # neuron id: pool and hot set are by id (so their stages are runs)
+        key_dtype = c_key.dtype
         stage16 = np.arange(n_stage, dtype=key_dtype) * 16
-        c_key = np.repeat(stage16, self._stage_bounds(pool)) + (15 - pool_state).astype(key_dtype)
         # cells (stage, 15 - state) that can promote: states above T_h and, with hidden copies,
         # only the first 3 x cap candidates of a stage (it promotes at most cap and keeps 2 x cap
         # leftovers), so whole cells past them are dropped before the sort
@@ -298,7 +305,7 @@ class HermesAdjust(HermesIlp):
             cm = ctx.cost
             per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw              # bytes hidden per layer
             cap = np.floor(p.promote_scale * per_layer / 2 / cm.neuron_bytes[np.arange(n_stage) % 2]).astype(np.int64)
-            cell_count = np.bincount(c_key, minlength=n_stage * 16).reshape(n_stage, 16) * usable
+            cell_count = cells * usable
             usable = usable & (np.cumsum(cell_count, axis=1) - cell_count < 3 * cap[:, None])
         sel = np.flatnonzero(usable.ravel().take(c_key))
         c_order = sel.take(np.argsort(c_key.take(sel), kind="stable"))
