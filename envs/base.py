@@ -151,6 +151,12 @@ class SchedulingEnv(gym.Env):
         # env on the first sequences of the pool; every episode starts from it
         self._initial = self.sim.start(seqs=range(batch)).initial_placement.freeze()
         self._masks = self._compute_masks()
+        # where each role's actions start in the masks, and joules per byte moved (step reads them)
+        sizes = [self.grids[role].n for role in self.controlled]
+        self._mask_offset = dict(zip(self.controlled, np.cumsum([0, *sizes[:-1]]).tolist()))
+        hw = self.sim.hw
+        self._link_j_per_byte = 8e-12 * hw.dimm_link.energy_pj_per_bit
+        self._pcie_j_per_byte = 8e-12 * hw.pcie.energy_pj_per_bit
 
         J = self.sim.hw.n_dimms
         self.history = history
@@ -229,32 +235,27 @@ class SchedulingEnv(gym.Env):
             raise ConfigError("the episode is over (or was never started): call reset()")
         acts = self._split(action)
         mask = self._masks
-        offset = 0
-        for role in self.controlled:
-            a = acts[role]
-            if not mask[offset + a]:
-                raise ConfigError(f"{role} action {a} ({self.grids[role].describe(a)}) is masked out "
-                                  f"now; valid actions: {np.flatnonzero(mask[offset: offset + self.grids[role].n]).tolist()}")
-            offset += self.grids[role].n
+        for role, a in acts.items():
+            if not mask[self._mask_offset[role] + a]:
+                first = self._mask_offset[role]
+                raise ConfigError(f"{role} action {a} ({self.grids[role].describe(a)}) is masked out now; valid "
+                                  f"actions: {np.flatnonzero(mask[first: first + self.grids[role].n]).tolist()}")
         activity, placement = run.last.activity, run.placement
         moves: dict[str, float] = {}
         for role in DECISION_ROLES:
             policy = getattr(self.sim, role)
-            if role in acts:
+            change = None
+            if role not in acts:
+                change = policy.update(activity, placement)
+            else:
                 setting = self.grids[role].settings[acts[role]]
-                change = None
                 if setting is not None:
                     policy.params = setting
                     change = policy.update(activity, placement)
-            else:
-                change = policy.update(activity, placement)
-            apply = run.apply_partition if role == "partition" else run.apply_balance
-            moves.update(apply(change))
-        hw = self.sim.hw
-        energy_j = 8e-12 * (moves["dimm_link_bytes"] * hw.dimm_link.energy_pj_per_bit
-                            + moves["pcie_bytes"] * hw.pcie.energy_pj_per_bit)
+            moves.update((run.apply_partition if role == "partition" else run.apply_balance)(change))
+        energy_j = moves["dimm_link_bytes"] * self._link_j_per_byte + moves["pcie_bytes"] * self._pcie_j_per_byte
         out = run.next_window()
-        report = WindowReport(out.window_s, out.n_tokens, self._reference_token_s, energy_j,
+        report = WindowReport(out.window_s, out.t1 - out.t0, self._reference_token_s, energy_j,
                               moves["dimm_link_bytes"], moves["pcie_bytes"])
         reward = float(self.reward_fn(report))
         obs = self._observe(out, moves)
@@ -267,22 +268,24 @@ class SchedulingEnv(gym.Env):
         return self._stack.push(window_features(self._run, out, self._reference_token_s, moves, cand))
 
     def _info(self, out: WindowOutcome, moves: dict[str, float], energy_j: float, action) -> dict[str, Any]:
+        n, window_s = out.t1 - out.t0, out.window_s
+        imbalance = out.cost.dimm_imbalance.tolist()
         info = {
-            "tokens": out.n_tokens,
-            "window_s": out.window_s,
-            "token_s": out.window_s / out.n_tokens,
+            "tokens": n,
+            "window_s": window_s,
+            "token_s": window_s / n,
             "reference_token_s": self._reference_token_s,
             "breakdown_s": dict(out.cost.components),
-            "dimm_imbalance": float(out.cost.dimm_imbalance.sum() / len(out.cost.dimm_imbalance)),
-            "moves": {"promoted": int(moves.get("promoted", 0)), "evicted": int(moves.get("evicted", 0)),
-                      "remapped": int(moves.get("remapped", 0))},
-            "bytes_moved": {"pcie": float(moves.get("pcie_bytes", 0.0)),
-                            "dimm_link": float(moves.get("dimm_link_bytes", 0.0))},
+            "dimm_imbalance": sum(imbalance) / len(imbalance),
+            # (apply_partition and apply_balance always report these keys)
+            "moves": {"promoted": int(moves["promoted"]), "evicted": int(moves["evicted"]),
+                      "remapped": int(moves["remapped"])},
+            "bytes_moved": {"pcie": float(moves["pcie_bytes"]), "dimm_link": float(moves["dimm_link_bytes"])},
             "migration_energy_j": energy_j,
             "hot_fraction": out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         }
         if action is not None:
-            info["action"] = {role: self.grids[role].describe(a) for role, a in action.items()}
+            info["action"] = {role: self.grids[role].names[a] for role, a in action.items()}
         self._last_info = info
         return info
 

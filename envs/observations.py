@@ -58,18 +58,19 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     excess = (np.maximum.reduce(by_dimm) * load.shape[1] + 1e-30) / (np.add.reduce(by_dimm) + 1e-30) - 1.0
     excess.sort()
     n_stages = len(excess)
-    over = (n_stages - np.searchsorted(excess, _TOLERANCES, side="right")) / n_stages
+    over = (n_stages - excess.searchsorted(_TOLERANCES, side="right")) / n_stages
     window_s = out.window_s
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
     cm = sim.cost
     hidden_s = cm.fixed_times_s(sim.batch)[2] * sim.model.n_layers   # migration time hidden per window (projection)
     imbalance = cost.dimm_imbalance.tolist()
-    per_dimm = np.sort(out.device_activations[1:] if out.device_activations is not None else load.sum(axis=0))
+    per_dimm = out.device_activations[1:].copy() if out.device_activations is not None else load.sum(axis=0)
+    per_dimm.sort()
     total = out.all_activations - out.gpu_activations
     J = len(per_dimm)
     feats = [
-        window_s / out.n_tokens / reference_token_s,
+        window_s / (out.t1 - out.t0) / reference_token_s,
         sum(imbalance) / len(imbalance) - 1.0,
         *over.tolist(),
         *excess[[n_stages // 2, int(0.9 * (n_stages - 1)), -1]].tolist(),
