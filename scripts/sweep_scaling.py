@@ -4,9 +4,11 @@ Runs the same simulator-bound sweep (trace-mode ``hermes`` scheduling with a top
 every trial is the decode loop, no ILP solver threads) with 1, 2, 4, ... workers on one local Ray
 instance and prints a Markdown table. Ray starts once; a warm-up sweep first starts one worker
 process per CPU and lets each draw (and cache) the trace, so the measured sweeps time trials, not
-process start-up or trace generation.
+process start-up or trace generation. ``--rounds R`` times the whole series R times in turn and
+keeps each worker count's best round; the "machine ceiling" column (off with ``--no-ceiling``)
+shows how much of its speed a CPU-bound pure-Python loop keeps with N copies running at once.
 
-    python scripts/sweep_scaling.py --workers 1,2,4,8,16 --trials-per-worker 4
+    python scripts/sweep_scaling.py --workers 1,2,4,8,16 --trials-per-worker 8 --rounds 2
 """
 from __future__ import annotations
 
