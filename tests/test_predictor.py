@@ -109,3 +109,23 @@ def test_fsm_needs_a_correlation_table(tiny_model, tiny_hw, tiny_trace):
         registry("predictor").create("hermes.fsm").begin(ctx, tiny_trace.active(0, 5), 5)
     # token-only mode works without one
     registry("predictor").create("hermes.fsm", {"mode": "token"}).begin(ctx, tiny_trace.active(0, 5), 5)
+
+
+def test_saturating_states_toggle_returns_the_states_it_restarts_from():
+    """toggle() hands back each toggled neuron's counter after token - 1 (what the predictor's
+    scheduler starts the new trajectory from), equal to a dense step-by-step reference."""
+    from ndpsched.policies.fsm import SaturatingStates
+
+    rng = np.random.default_rng(3)
+    n, inc, dec = 200, 4, 1
+    dense = rng.integers(0, 16, n)
+    active = rng.random(n) < 0.3
+    states = SaturatingStates(dense, active, 0, inc, dec)
+    for token in range(1, 40):
+        new_active = active ^ (rng.random(n) < 0.2)
+        on, off = np.flatnonzero(new_active & ~active), np.flatnonzero(active & ~new_active)
+        s_on, s_off = states.toggle(on, off, token)
+        assert np.array_equal(s_on, dense[on]) and np.array_equal(s_off, dense[off])
+        active = new_active
+        dense = np.where(active, np.minimum(15, dense + inc), np.maximum(0, dense - dec))
+        assert np.array_equal(states.all_states(token), dense)

@@ -281,3 +281,28 @@ def test_full_systems_are_deterministic(system, tiny_trace):
     cfg = RunConfig(model="tiny", dimms=4, hardware=TINY_HW, prompt_len=12, gen_len=30, system=system, batch=2, seed=3)
     a, b = simulate(cfg, trace=tiny_trace), simulate(cfg, trace=tiny_trace)
     assert np.array_equal(a.token_s, b.token_s) and a.moves == b.moves and a.predictor == b.predictor
+
+
+def test_window_memo_keeps_values_within_the_replay_budget():
+    """WindowMemo: visits count per window; values are kept read-only while the simulator's replay
+    budget allows and dropped past it (the policy then recomputes)."""
+    from ndpsched.replay import SequenceReplay, WindowMemo
+
+    replay = SequenceReplay(np.zeros(64, dtype=bool), 9, 11)
+    budget = [100]
+
+    def reserve(nbytes):
+        if nbytes > budget[0]:
+            return False
+        budget[0] -= nbytes
+        return True
+
+    first = WindowMemo(replay, 10, 15, reserve)
+    assert first.visits == 1 and first.get("k") is None
+    first.put("k", np.zeros(80, dtype=np.uint8))
+    second = WindowMemo(replay, 10, 15, reserve)
+    kept = second.get("k")
+    assert second.visits == 2 and kept is not None and not kept.flags.writeable
+    second.put("big", np.zeros(80, dtype=np.uint8))          # 20 bytes left: refused
+    assert WindowMemo(replay, 10, 15, reserve).get("big") is None
+    assert WindowMemo(replay, 15, 20, reserve).visits == 1    # another window counts on its own
