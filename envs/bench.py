@@ -46,7 +46,6 @@ def run_env_bench(env_ids: list[str] | None = None, model: str | None = "relulla
         seqs_list = [[s % u.pool_size] for s in range(episodes)]
         sim = u.sim
         env_s, sim_s, ratios = [], [], []
-        steps = windows = 0
         for rep in range(repeats + 1):                # the first round warms the caches
             steps = windows = 0
             round_env = round_sim = 0.0

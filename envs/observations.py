@@ -116,7 +116,6 @@ class ObservationStack:
         return hist.flatten()    # a copy: a view would change with the next push
 
 
-
 def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.ndarray | None:
     """The promotion candidates' FSM-state histogram from a partition policy that keeps one
     (``hermes.adjust``, or a learned policy wrapping it), else None."""

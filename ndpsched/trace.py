@@ -77,6 +77,12 @@ class NeuronLayout:
         one_layer = np.repeat(np.array([0, 1], dtype=np.int32), [self.d_qkv, self.d_ffn])
         return (np.arange(self.n_layers, dtype=np.int32)[:, None] * 2 + one_layer[None, :]).ravel()
 
+    def group_starts(self) -> np.ndarray:
+        """(G + 1,) int64: first neuron id of every group, then N (a group's neurons are
+        consecutive ids, groups in order)."""
+        layer, kind = np.divmod(np.arange(self.n_groups + 1), 2)
+        return layer * self.per_layer + kind * self.d_qkv
+
     def layer_of(self) -> np.ndarray:
         """(N,) int32: layer of every neuron."""
         return np.repeat(np.arange(self.n_layers, dtype=np.int32), self.per_layer)

@@ -89,9 +89,8 @@ def _window_candidates(ctx: SchedContext, window: WindowActivity, placement: Pla
 def _strided_members(layout: NeuronLayout, stride: int) -> list[tuple[np.ndarray, list[int]]]:
     """Per offset o < ``stride``: the neurons at positions o, o + stride, ... of every group,
     group after group (read-only intp array), and where each group's run starts (G + 1 ints)."""
-    layer, kind = np.divmod(np.arange(layout.n_groups), 2)
-    starts = layer * layout.per_layer + kind * layout.d_qkv
-    lengths = np.where(kind == 0, layout.d_qkv, layout.d_ffn)
+    bounds = layout.group_starts()
+    starts, lengths = bounds[:-1], np.diff(bounds)
     out = []
     for o in range(stride):
         sizes = np.maximum(lengths - o + stride - 1, 0) // stride

@@ -276,12 +276,7 @@ class HermesAdjust(HermesIlp):
 
     def _stage_bounds(self, ids: np.ndarray) -> np.ndarray:
         """(G,) count of sorted ``ids`` in each stage (a stage's neurons are consecutive ids)."""
-        starts = getattr(self, "_stage_starts", None)
-        if starts is None:
-            lay = self.ctx.layout
-            layer, kind = np.divmod(np.arange(lay.n_groups + 1), 2)
-            starts = self._stage_starts = layer * lay.per_layer + kind * lay.d_qkv
-        return np.diff(np.searchsorted(ids, starts))
+        return np.diff(np.searchsorted(ids, self.ctx.layout.group_starts()))
 
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p = self.ctx, self.params
