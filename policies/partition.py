@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -186,40 +187,46 @@ class HermesAdjust(HermesIlp):
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         # (token, (N,) states, window) when a replay memo answered and the words were left behind
         self._behind: tuple | None = None
-        # neurons that turned on since the last decision (first: the prompt's active set), and the
-        # still-hot candidates the last decision had no room for
+        # neurons that turned on since the last pool was built (first: the prompt's active set),
+        # the first token they were observed at (None while the prompt's set is among them), and
+        # the still-hot candidates the last decision had no room for
         self._turned_on = [np.flatnonzero(active > 0)]
+        self._turned_on_from: int | None = None
         self._leftover = np.zeros(0, dtype=np.intp)
-        self._carried: np.ndarray | None = None      # (N,) bool pool of a window nothing was decided on
-        self._pool = None
+        self._pool: _MaskPool | _MemoPool | None = None   # the last pool built (see _candidate_pool)
         self._hot: np.ndarray | None = None          # see _hot_ids
         self.promotions = 0
 
     def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
         self._pending.append((token, on, off))
+        if not self._turned_on:
+            self._turned_on_from = token
         self._turned_on.append(on)
-        self._pool = None
+
+    def _memo_key(self, what: str) -> tuple:
+        return ("hermes.adjust", what, self.params.state_inc, self.params.state_dec)
 
     def _state_lookup(self, window: WindowActivity):
-        """A function giving the FSM states of neuron ids after the window's last token.
+        """A function giving the FSM states of neuron ids after the window's last token, and the
+        (N,) uint8 states of all neurons then if a replay memo holds them (else None).
 
         The states depend on the sequence's activity alone, so where the window belongs to a
-        replayed sequence they are kept in its memo from the second visit on ((N,) uint8), and an
-        episode replaying it reads them without updating the per-neuron words token by token.
+        replayed sequence they are kept in its memo from the second visit on, and an episode
+        replaying it reads them without updating the per-neuron words token by token.
         Otherwise the observed tokens' toggles are applied to the words (O(toggles))."""
         now, memo = window.t1 - 1, window.memo
-        key = ("hermes.adjust.states", self.params.state_inc, self.params.state_dec)
+        key = self._memo_key("states")
         dense = memo.get(key) if memo is not None else None
         if dense is not None:
             self._pending.clear()
             self._behind = (now, dense, window)
-            return dense.take
+            return dense.take, dense
         self._catch_up()
         if memo is not None and memo.visits > 1:
             dense = self.states.all_states(now).astype(np.uint8)
             memo.put(key, dense)
-            return dense.take
-        return functools.partial(self.states.states, token=now)
+            return dense.take, dense
+        return functools.partial(self.states.states, token=now), None
 
     def _catch_up(self) -> None:
         """Bring the state words up to the last observed token."""
@@ -233,38 +240,66 @@ class HermesAdjust(HermesIlp):
             self.states.toggle(on, off, token)
         self._pending.clear()
 
-    def _candidate_pool(self, placement: Placement, window: WindowActivity) -> tuple:
+    def _candidate_pool(self, placement: Placement, window: WindowActivity) -> _MaskPool | _MemoPool:
         """The next decision's candidates: cold neurons that turned on since the last decision (or
-        were left over by it), by id. Returns (window end, ids, their states at the window's end,
-        a function giving any neuron's state then, each candidate's (stage, 15 - state) cell as
-        a key ``stage * 16 + 15 - state``, (G, 16) candidates per cell). Kept until the next token
-        or decision, so an observer (the HotCold env) and the decision at the same window end
-        share one computation."""
+        were left over by it), with their FSM states at the window's end. Kept for the window, so
+        an observer (the HotCold env) and the decision at the same window end share it; a pool no
+        decision consumed carries over into the next one.
+
+        Where the window is replayed (see :class:`~ndpsched.replay.WindowMemo`) and the pool holds
+        just its own tokens' turn-ons (the last pool was consumed), the pool is the memo's sorted
+        window set minus what is on the GPU, plus the leftovers: O(GPU neurons + leftovers) per
+        decision instead of O(neurons)."""
         pool = self._pool
-        if pool is None or pool[0] != window.t1:
-            mask = self._carried if self._carried is not None else np.zeros(self.ctx.n_neurons, dtype=bool)
-            for ids in self._turned_on:
+        if pool is not None and pool.t1 == window.t1:
+            return pool
+        carried = pool.members() if pool is not None and not pool.consumed else None
+        turned_on, from_token, leftover = self._turned_on, self._turned_on_from, self._leftover
+        self._turned_on, self._leftover = [], self._leftover[:0]
+        states, dense = self._state_lookup(window)
+        layout = self.ctx.layout
+        if carried is None and from_token == window.t0 and dense is not None:
+            window_set = self._window_set(window, turned_on, dense)
+            if window_set is not None:
+                self._pool = _MemoPool(window.t1, window_set, dense, leftover, placement.on_gpu,
+                                       self._hot_ids(placement.on_gpu), self.ctx.group_of, layout.n_groups)
+                return self._pool
+        mask = carried if carried is not None else np.zeros(self.ctx.n_neurons, dtype=bool)
+        for ids in turned_on:
+            mask[ids] = True
+        mask[leftover] = True
+        self._pool = _MaskPool(window.t1, mask, placement.on_gpu, states, layout.group_starts())
+        return self._pool
+
+    def _window_set(self, window: WindowActivity, turned_on: list[np.ndarray], dense: np.ndarray):
+        """The window's turn-ons sorted by (stage, 15 - state at its end, id) as a :class:`_WindowSet`,
+        from the replay memo (built on the second visit), or None where the memo has no room."""
+        memo, key = window.memo, self._memo_key("window set")
+        names = ("ids", "cells", "starts", "bits")
+        arrays = [memo.get(key + (name,)) for name in names]
+        if any(a is None for a in arrays):
+            if memo.visits < 2:
+                return None
+            mask = np.zeros(self.ctx.n_neurons, dtype=bool)
+            for ids in turned_on:
                 mask[ids] = True
-            mask[self._leftover] = True
-            # kept as the start of the next pool unless a decision consumes it
-            self._carried, self._turned_on, self._leftover = mask, [], self._leftover[:0]
-            cand = np.flatnonzero(mask > placement.on_gpu)
-            states = self._state_lookup(window)
-            cand_state = states(cand)
-            # the pool is by id, so its stages are runs; 16-bit keys let numpy's stable argsort
-            # run as a radix sort
-            n_stage = self.ctx.layout.n_groups
-            key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
-            key = (np.repeat(np.arange(n_stage, dtype=key_dtype) * 16, self._stage_bounds(cand))
-                   + (15 - cand_state).astype(key_dtype))
-            cells = np.bincount(key, minlength=n_stage * 16).reshape(n_stage, 16)
-            pool = self._pool = (window.t1, cand, cand_state, states, key, cells)
-        return pool
+            ids = np.flatnonzero(mask)
+            n_cells = self.ctx.layout.n_groups * 16
+            cell = self.ctx.group_of.take(ids) * 16 + (15 - dense.take(ids).astype(np.int32))
+            cell = cell.astype(np.uint16 if n_cells <= 2**16 else np.int64)
+            order = np.argsort(cell, kind="stable")              # ids stay by id within a cell
+            starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
+            arrays = [ids.take(order).astype(np.int32), cell.take(order), starts, np.packbits(mask)]
+            for name, a in zip(names, arrays):
+                memo.put(key + (name,), a)
+            if any(memo.get(key + (name,)) is None for name in names):
+                return None                   # past the replay budget: build pools by mask
+        return _WindowSet(*arrays)
 
     def candidate_state_histogram(self, placement: Placement, window: WindowActivity) -> np.ndarray:
         """(16,) how many candidates of the next decision (cold neurons that turned on since the
         last one) are in each FSM state at the window's end."""
-        return self._candidate_pool(placement, window)[5].sum(axis=0)[::-1]
+        return self._candidate_pool(placement, window).cells.sum(axis=0)[::-1]
 
     def _hot_ids(self, on_gpu: np.ndarray) -> np.ndarray:
         """Ids of the GPU-resident neurons, by id: the set this policy's last moves left, if the
@@ -280,20 +315,20 @@ class HermesAdjust(HermesIlp):
 
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p = self.ctx, self.params
-        _, pool, pool_state, states, c_key, cells = self._candidate_pool(placement, window)
-        self._pool = None                    # the decision changes the placement and the pool
+        pool = self._candidate_pool(placement, window)
+        cells = pool.cells
         hot = self._hot_ids(placement.on_gpu)
-        if len(hot) == 0 or not (pool_state > p.hot_threshold).any():
+        if len(hot) == 0 or not cells[:, :15 - p.hot_threshold].any():
             return None                      # nothing decided: the pool carries over
-        self._carried = None
+        pool.consumed = True
         n_stage = ctx.layout.n_groups
         # candidates by stage, highest state first; evictees by stage, lowest state first, ties by
-        # neuron id: pool and hot set are by id (so their stages are runs)
-        key_dtype = c_key.dtype
+        # neuron id on both sides
+        key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
         stage16 = np.arange(n_stage, dtype=key_dtype) * 16
         # cells (stage, 15 - state) that can promote: states above T_h and, with hidden copies,
         # only the first 3 x cap candidates of a stage (it promotes at most cap and keeps 2 x cap
-        # leftovers), so whole cells past them are dropped before the sort
+        # leftovers), so whole cells past them are dropped before the ranking
         usable = np.broadcast_to(np.arange(16) < 15 - p.hot_threshold, (n_stage, 16))
         cap = None
         if p.hide_copies:
@@ -302,10 +337,10 @@ class HermesAdjust(HermesIlp):
             cap = np.floor(p.promote_scale * per_layer / 2 / cm.neuron_bytes[np.arange(n_stage) % 2]).astype(np.int64)
             cell_count = cells * usable
             usable = usable & (np.cumsum(cell_count, axis=1) - cell_count < 3 * cap[:, None])
-        sel = np.flatnonzero(usable.ravel().take(c_key))
-        c_order = sel.take(np.argsort(c_key.take(sel), kind="stable"))
-        cand, cand_state, c_stage = pool.take(c_order), pool_state.take(c_order), c_key.take(c_order) // 16
-        hot_state = states(hot)
+        cand, c_key = pool.ranked(usable, None if cap is None else 3 * cap)
+        c_stage, cand_state = np.divmod(c_key, 16)
+        cand_state = 15 - cand_state
+        hot_state = pool.states(hot)
         e_count = self._stage_bounds(hot)
         e_order = np.argsort(np.repeat(stage16, e_count) + hot_state.astype(key_dtype), kind="stable")
         hot_state = hot_state.take(e_order)
@@ -333,3 +368,98 @@ class HermesAdjust(HermesIlp):
         kept, added = hot[keep], np.sort(promote)
         self._hot = np.insert(kept, np.searchsorted(kept, added), added)
         return PartitionMoves(promote, hot.take(evicted_at))
+
+
+class _WindowSet(NamedTuple):
+    """A replayed window's turn-ons (placement-independent, kept in its memo)."""
+    #: (M,) int32 ids, sorted by cell then id
+    ids: np.ndarray
+    #: (M,) their cells ``stage * 16 + 15 - state`` (state at the window's end)
+    cells: np.ndarray
+    #: (G * 16 + 1,) where each cell's run starts in ``ids``
+    starts: np.ndarray
+    #: (N / 8,) uint8 packed membership bits
+    bits: np.ndarray
+
+
+def _member(bits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(len(ids),) bool: whether neurons ``ids`` are set in packed ``bits``."""
+    return ((bits.take(ids >> 3) >> (7 - (ids & 7)).astype(np.uint8)) & np.uint8(1)).view(bool)
+
+
+class _MaskPool:
+    """Promotion candidates given by a membership mask (the general case): every cold member is
+    ranked. ``cells`` is (G, 16) candidates per (stage, 15 - state)."""
+
+    def __init__(self, t1: int, mask: np.ndarray, on_gpu: np.ndarray, states, group_starts: np.ndarray) -> None:
+        self.t1, self.mask, self.states, self.consumed = t1, mask, states, False
+        self.ids = np.flatnonzero(mask > on_gpu)
+        # the ids are sorted, so their stages are runs; 16-bit keys let numpy's stable argsort run
+        # as a radix sort
+        n_stage = len(group_starts) - 1
+        key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
+        self.key = (np.repeat(np.arange(n_stage, dtype=key_dtype) * 16, np.diff(np.searchsorted(self.ids, group_starts)))
+                    + (15 - states(self.ids)).astype(key_dtype))
+        self.cells = np.bincount(self.key, minlength=n_stage * 16).reshape(n_stage, 16)
+
+    def members(self) -> np.ndarray:
+        """(N,) bool: the pool, to carry into the next one (hot members included)."""
+        return self.mask
+
+    def ranked(self, usable: np.ndarray, limit: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates in ``usable`` (G, 16) cells by (cell, id), with their cells. ``limit``: (G,)
+        how many of each stage's first are needed (here: all of them are returned)."""
+        sel = np.flatnonzero(usable.ravel().take(self.key))
+        order = sel.take(np.argsort(self.key.take(sel), kind="stable"))
+        return self.ids.take(order), self.key.take(order)
+
+
+class _MemoPool:
+    """Promotion candidates of a replayed window whose pool is its own turn-ons plus leftovers:
+    the memo's window set, sorted once by (cell, id), minus the GPU-resident neurons. Work per
+    decision: O(GPU neurons + leftovers + what is ranked), none over all neurons."""
+
+    def __init__(self, t1: int, window_set: _WindowSet, dense: np.ndarray, leftover: np.ndarray,
+                 on_gpu: np.ndarray, hot: np.ndarray, group_of: np.ndarray, n_stage: int) -> None:
+        self.t1, self.window_set, self.on_gpu, self.consumed = t1, window_set, on_gpu, False
+        self.states = dense.take
+        n_cells = n_stage * 16
+        hot_in = hot[_member(window_set.bits, hot)]             # in the set but not candidates
+        self.hot_cells = np.bincount(group_of.take(hot_in) * 16 + (15 - dense.take(hot_in).astype(np.int32)),
+                                     minlength=n_cells)
+        if len(leftover):
+            leftover = leftover[~(on_gpu.take(leftover) | _member(window_set.bits, leftover))]
+        self.leftover = leftover
+        self.leftover_cell = group_of.take(leftover) * 16 + (15 - dense.take(leftover).astype(np.int32))
+        self.cells = (np.diff(window_set.starts) - self.hot_cells
+                      + np.bincount(self.leftover_cell, minlength=n_cells)).reshape(n_stage, 16)
+
+    def members(self) -> np.ndarray:
+        mask = np.zeros(len(self.on_gpu), dtype=bool)
+        mask[self.window_set.ids] = True
+        mask[self.leftover] = True
+        return mask
+
+    def ranked(self, usable: np.ndarray, limit: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`_MaskPool.ranked`, but with ``limit`` only each stage's first ``limit`` are
+        sure to be there: a stage's usable cells are a prefix of its run in the window set, and
+        its first ``limit`` + (GPU neurons among them) entries hold its first ``limit`` cold ones."""
+        ws, n_stage = self.window_set, usable.shape[0]
+        first = np.arange(n_stage) * 16
+        begin = ws.starts.take(first)
+        take = ws.starts.take(first + usable.sum(axis=1)) - begin
+        if limit is not None:
+            hot_in = (self.hot_cells.reshape(n_stage, 16) * usable).sum(axis=1)
+            take = np.minimum(take, limit + hot_in)
+        pos = np.repeat(begin - (np.cumsum(take) - take), take) + np.arange(take.sum())
+        ids = ws.ids.take(pos)
+        cold = np.flatnonzero(~self.on_gpu.take(ids))
+        ids, cell = ids.take(cold), ws.cells.take(pos.take(cold))
+        extra = usable.ravel().take(self.leftover_cell)
+        if extra.any():
+            # merge the leftovers (none of them in the window set) in (cell, id) order
+            both = (cell.astype(np.int64) << 32) | ids
+            more = np.sort((self.leftover_cell[extra].astype(np.int64) << 32) | self.leftover[extra])
+            both = np.insert(both, np.searchsorted(both, more), more)
+            ids, cell = both & 0xFFFFFFFF, both >> 32
+        return ids.astype(np.intp), cell

@@ -75,6 +75,44 @@ def test_same_seed_same_observations_rewards_and_infos_for_100_steps(env_id):
         assert ia == ib
 
 
+@pytest.mark.parametrize("env_id", ["ndpsched/HotCold-v0", "ndpsched/Schedule-v0"])
+def test_replayed_episodes_match_an_env_without_replay_cache(env_id, monkeypatch):
+    """Episodes replay the pool's sequences; from the second visit of a window on, the simulator
+    and hermes.adjust read what depends only on the sequence from the replay cache (active sets,
+    FSM states, the window's sorted turn-ons). Random actions (no-move ones leave the promotion
+    pool to carry over) must give exactly what an env with no replay cache gives."""
+    import ndpsched.simulator as simulator
+
+    def trail():
+        env = make(env_id)
+        rng, out = np.random.default_rng(3), []
+        for episode in range(8):
+            obs, _ = env.reset(options={"seqs": [episode % 2]})
+            out.append(obs)
+            done = False
+            while not done:
+                space = env.action_space
+                action = (env.unwrapped.heuristic_action() if episode < 4
+                          else rng.integers(space.nvec) if hasattr(space, "nvec") else int(rng.integers(space.n)))
+                obs, reward, terminated, truncated, info = env.step(action)
+                out.append((obs, reward, info["moves"], info["window_s"]))
+                done = terminated or truncated
+        return env, out
+
+    env, cached = trail()
+    kept = {k[:2] for memo in env.unwrapped.sim._replays[0].memo.values() for k in memo}
+    assert ("hermes.adjust", "window set") in kept
+    monkeypatch.setattr(simulator, "REPLAY_CACHE_BYTES", 0)
+    plain, uncached = trail()
+    assert not plain.unwrapped.sim._replays
+    assert sum(step[2]["promoted"] for step in uncached if isinstance(step, tuple)) > 0
+    for a, b in zip(cached, uncached, strict=True):
+        if isinstance(a, tuple):
+            assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]
+        else:
+            assert np.array_equal(a, b)
+
+
 def test_pickled_env_continues_identically():
     env = make("ndpsched/Schedule-v0").unwrapped
     env.reset(seed=5)
