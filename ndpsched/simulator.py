@@ -600,18 +600,21 @@ class DecodeRun:
         promote = np.asarray(change.promote, dtype=np.int64)
         evict = np.asarray(change.evict, dtype=np.int64)
         who = who or f"partition '{self.sim.partition.registered_name}'"
-        _check_ids(promote, ctx.n_neurons, who)
-        _check_ids(evict, ctx.n_neurons, who)
-        if placement.on_gpu[promote].any() or not placement.on_gpu[evict].all():
+        moved = np.concatenate([evict, promote])          # (one check and one recount for both)
+        _check_ids(moved, ctx.n_neurons, who)
+        on_gpu = placement.on_gpu
+        if on_gpu.take(promote).any() or not on_gpu.take(evict).all():
             raise ConfigError(f"{who} promoted a neuron already on the GPU or evicted one that is not")
-        delta = float(ctx.neuron_bytes[promote].sum() - ctx.neuron_bytes[evict].sum())
-        placement.on_gpu[evict] = False
-        placement.on_gpu[promote] = True
+        promoted_bytes = ctx.neuron_bytes.take(promote)
+        delta = float(promoted_bytes.sum() - ctx.neuron_bytes.take(evict).sum())
+        on_gpu[evict] = False
+        on_gpu[promote] = True
         if delta > 0:   # a swap of equal sizes cannot overflow; only a net growth is checked
-            check_gpu_capacity(ctx, placement.on_gpu, who)
-        self._rekey(evict, placement.home_dimm[evict].astype(np.int32) + 1)
-        self._rekey(promote, np.zeros(len(promote), dtype=np.int32))
-        copied = np.bincount(ctx.layer_of[promote], weights=ctx.neuron_bytes[promote], minlength=ctx.model.n_layers)
+            check_gpu_capacity(ctx, on_gpu, who)
+        # evicted neurons compute on their home DIMM (device home + 1), promoted ones on the GPU (0)
+        self._rekey(moved, np.concatenate([placement.home_dimm.take(evict).astype(np.int32) + 1,
+                                           np.zeros(len(promote), dtype=np.int32)]))
+        copied = np.bincount(ctx.layer_of.take(promote), weights=promoted_bytes, minlength=ctx.model.n_layers)
         self.pending_pcie += copied
         self.moves["promoted"] += len(promote)
         self.moves["evicted"] += len(evict)
@@ -729,4 +732,4 @@ def _check_ids(idx: np.ndarray, n: int, who: str) -> None:
         raise ConfigError(f"{who} returned neuron ids outside 0..{n - 1}")
     ordered = np.sort(idx)
     if (ordered[1:] == ordered[:-1]).any():
-        raise ConfigError(f"{who} returned the same neuron twice in one decision")
+        raise ConfigError(f"{who} returned the same neuron twice in one decision (or promoted and evicted it)")
