@@ -138,8 +138,6 @@ class Simulator:
         self.seed = seed
         self.layout = NeuronLayout.of(model)
         self._offline_freqs = offline_freqs
-        # per trace sequence: (active-token counts over the prompt, active set at its last token)
-        self._prompt_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._delta_cache: dict[tuple[int, str], np.ndarray] = {}
         # sequence -> its schedule-independent decode state (batch 1, perfect predictor)
         self._replays: dict[int, SequenceReplay] = {}
@@ -162,11 +160,7 @@ class Simulator:
     def prompt_state(self, seq: int) -> tuple[np.ndarray, np.ndarray]:
         """(active-token counts over the prompt, (N,) bool active set at the last prompt token) of
         trace sequence ``seq``; cached, so that repeated episodes on a sequence pool start fast."""
-        if seq not in self._prompt_cache:
-            P = self.prompt_len
-            counts = self.trace.active_token_counts(seq, 0, P).astype(np.int32)
-            self._prompt_cache[seq] = (counts, self.trace.active(seq, P - 1))
-        return self._prompt_cache[seq]
+        return self.trace.prompt_state(seq, self.prompt_len)
 
     def replay(self, seq: int) -> SequenceReplay | None:
         """The replay state of sequence ``seq`` (see :mod:`ndpsched.replay`), created on first use;
@@ -223,9 +217,7 @@ class Simulator:
             if len(seqs) == trace.n_seqs:
                 offline = prefill
             else:
-                if "prompts" not in self._prompt_cache:
-                    self._prompt_cache["prompts"] = (trace.frequencies(0, P), None)
-                offline = self._prompt_cache["prompts"][0]
+                offline = trace.prompt_frequencies(P)
         if offline.shape != (self.layout.n_neurons,):
             raise TraceError(f"offline profile has shape {offline.shape}, expected ({self.layout.n_neurons},)")
         if getattr(self, "_policy_seed", None) is None:       # (spawning costs more than the rest)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,43 @@ class ActivationTrace:
         #: optional (N, 2) int64: each neuron's two most correlated previous-layer neurons (-1:
         #: none), Hermes' offline correlation table; set by the generator or an offline profile
         self.layer_parents: np.ndarray | None = None
+        # results derived from the trace alone (see prompt_state), kept with it
+        self._derived: OrderedDict[tuple, tuple] = OrderedDict()
         self._check_structure()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_derived"] = OrderedDict()          # recomputed where needed: keeps pickles small
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_derived", OrderedDict())
+        self.__dict__.update(state)
+
+    def _derive(self, key: tuple, compute) -> tuple:
+        """``compute()`` (a tuple of arrays, made read-only), kept for the next call with ``key``
+        (the last 16 are kept: a pool of sequences, not every sequence of a large trace)."""
+        value = self._derived.get(key)
+        if value is None:
+            value = compute()
+            for a in value:
+                if isinstance(a, np.ndarray):
+                    a.flags.writeable = False
+            self._derived[key] = value
+            while len(self._derived) > 16:
+                self._derived.popitem(last=False)
+        return value
+
+    def prompt_state(self, seq: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """((N,) int32 active-token counts over tokens [0, prompt_len), (N,) bool active set at
+        token prompt_len - 1) of sequence ``seq``: what a simulation starting decode there needs.
+        Cached on the trace (read-only), so every run on it (sweep trials, env episodes) shares it."""
+        return self._derive(("prompt", seq, prompt_len), lambda: (
+            self.active_token_counts(seq, 0, prompt_len).astype(np.int32), self.active(seq, prompt_len - 1)))
+
+    def prompt_frequencies(self, prompt_len: int) -> np.ndarray:
+        """(N,) :meth:`frequencies` over tokens [0, prompt_len) of every sequence (cached)."""
+        return self._derive(("prompt frequencies", prompt_len), lambda: (self.frequencies(0, prompt_len),))[0]
 
     # ---- structure ------------------------------------------------------------------------
     @property

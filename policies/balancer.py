@@ -45,7 +45,16 @@ def index_in_group(ctx: SchedContext) -> np.ndarray:
 def snake_mapping(ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
     """Frequency-balanced static mapping: per group, cold neurons by decreasing offline frequency
     dealt in snake order over the DIMMs (hot neurons are dealt the same way after them, so their
-    weights are spread too; they are computed on the GPU while hot)."""
+    weights are spread too; they are computed on the GPU while hot). Cached per process by its
+    inputs (sweep trials on one trace and hot set share it)."""
+    from ndpsched.content_cache import cached_array
+
+    layout = (ctx.layout.n_layers, ctx.layout.d_qkv, ctx.layout.d_ffn, ctx.n_dimms)
+    return cached_array("snake mapping", (ctx.offline_freqs, on_gpu), layout,
+                        lambda: _snake_mapping(ctx, on_gpu)).copy()
+
+
+def _snake_mapping(ctx: SchedContext, on_gpu: np.ndarray) -> np.ndarray:
     J = ctx.n_dimms
     # sort key: group, then cold before hot, then decreasing frequency (stable -> deterministic)
     order = np.lexsort((-ctx.offline_freqs, on_gpu, ctx.group_of))

@@ -45,7 +45,11 @@ class StaticTopK(PartitionPolicy):
     Params = BudgetParams
 
     def _initial(self, ctx: SchedContext) -> np.ndarray:
-        order = np.argsort(-ctx.offline_freqs, kind="stable")
+        from ndpsched.content_cache import cached_array
+
+        # (the order depends on the profile alone: a sweep worker sorts it once)
+        order = cached_array("frequency order", (ctx.offline_freqs,), None,
+                             lambda: np.argsort(-ctx.offline_freqs, kind="stable"))
         return fill_budget(order, ctx.neuron_bytes, ctx.gpu_budget_bytes * self.params.budget_fraction)
 
 

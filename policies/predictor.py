@@ -36,6 +36,25 @@ def child_maps(parents: np.ndarray, n: int) -> list[np.ndarray]:
     return maps
 
 
+#: (parents, layer-0 mask, child maps) of the last table seen: a sweep worker's trials share one
+#: trace's table, and building the maps is a scatter over every neuron
+_LAST_CHILD_MAPS: tuple | None = None
+
+
+def _decode_child_maps(parents: np.ndarray, first_layer: np.ndarray) -> list[np.ndarray]:
+    """child_maps of the table with layer 0's rows removed (layer 0 has no previous layer: its s2
+    is fixed, whatever the table says); the last result is kept, for the same table object."""
+    global _LAST_CHILD_MAPS
+    last = _LAST_CHILD_MAPS
+    if last is not None and last[0] is parents and np.array_equal(last[1], first_layer):
+        return last[2]
+    maps = child_maps(np.where(first_layer[:, None], -1, parents), len(parents))
+    for m in maps:
+        m.flags.writeable = False
+    _LAST_CHILD_MAPS = (parents, first_layer, maps)
+    return maps
+
+
 @register_policy("predictor", "hermes.fsm")
 class HermesFsm(PredictorPolicy):
     """Hermes' online predictor: neuron state table (token-wise) + correlation table (layer-wise).
@@ -94,8 +113,7 @@ class HermesFsm(PredictorPolicy):
         self.parents = parents
         self.first_layer = ctx.layer_of == 0
         try:
-            # layer 0 has no previous layer: its s2 is fixed (see below), whatever the table says
-            self.child = child_maps(np.where(self.first_layer[:, None], -1, parents), n)
+            self.child = _decode_child_maps(parents, self.first_layer)
         except ValueError:
             raise ConfigError("hermes.fsm: the correlation table must map each neuron to at most one "
                               "child per column") from None
@@ -122,7 +140,8 @@ class HermesFsm(PredictorPolicy):
                            if 0 < np.floor(p.threshold - p.lam * k) + 1 <= self.states.max_state]
         # calendar[level][token % HORIZON]: neurons whose state crosses that level then
         self.calendar: list[list[list[np.ndarray]]] = [[[] for _ in range(self.HORIZON)] for _ in self.levels]
-        self.stamp = np.full(n, -1, dtype=np.int32)
+        self._level_values = np.array([v for v, _ in self.levels], dtype=np.int16)[:, None]
+        self._mark = np.zeros(n, dtype=bool)        # all False between tokens (see _predict)
         self.computed = self.pred | self.act if p.false_negative == "recompute" else self.pred.copy()
         self.stats = {"tokens": 0, "active": 0, "predicted": 0, "hits": 0}
         self._count = [int(self.act.sum()), int(self.pred.sum()), int((self.act & self.pred).sum())]
@@ -153,20 +172,21 @@ class HermesFsm(PredictorPolicy):
             return
         if s0 is None:
             s0 = self.states.states(ids, token - 1)
-        for li, (v, _) in enumerate(self.levels):
-            if rising:
-                k = -((s0 - v) // max(self.params.state_inc, 1))      # ceil((v - s0) / inc)
-            else:
-                k = s0 - v + 1
-            # the state after token-1+k crosses v: the prediction for token+k changes
-            ok = (k >= 1) & (k <= self.HORIZON - 1) & ((s0 < v) if rising else (s0 >= v))
-            sel, kk = ids[ok], k[ok].astype(np.uint8)
-            order = np.argsort(kk, kind="stable")                   # radix sort of small ints
-            sel, kk = sel[order], kk[order]
-            bounds = np.searchsorted(kk, np.arange(1, self.HORIZON + 1))
-            for j in range(self.HORIZON - 1):
-                if bounds[j + 1] > bounds[j]:
-                    self.calendar[li][(token + j + 1) % self.HORIZON].append(sel[bounds[j]: bounds[j + 1]])
+        H, n_levels = self.HORIZON, len(self.levels)
+        v = self._level_values                                   # (levels, 1)
+        s0 = np.asarray(s0, dtype=np.int16)
+        # k: tokens until the state after token-1+k crosses level v; k >= 1 exactly when it is
+        # still below v (rising) or at or above it (falling): the prediction for token+k changes
+        k = -((s0 - v) // max(self.params.state_inc, 1)) if rising else s0 - v + 1    # (levels, n)
+        where = np.flatnonzero(((k >= 1) & (k <= H - 1)).ravel())
+        # one radix sort by (level, k) puts each calendar slot's neurons in a run, by id order
+        slot_key = (where // len(ids) * H + k.ravel().take(where)).astype(np.uint8 if n_levels * H < 256 else np.int64)
+        order = np.argsort(slot_key, kind="stable")
+        sel, slot_key = ids.take(where.take(order) % len(ids)), slot_key.take(order)
+        bounds = np.searchsorted(slot_key, np.arange(n_levels * H + 1))
+        for cell in np.flatnonzero(np.diff(bounds)).tolist():
+            li, kk = divmod(cell, H)
+            self.calendar[li][(token + kk) % H].append(sel[bounds[cell]: bounds[cell + 1]])
 
     def _predict(self, token: int, on: np.ndarray, off: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
@@ -192,11 +212,13 @@ class HermesFsm(PredictorPolicy):
                 # crossing this level flips a prediction only for neurons with that s2 (layer 0: 2)
                 ids = ids[self.s2[ids] == s2_needed]
             due.append(ids)
-        cand = np.concatenate([*kids, on, off, *due])
-        # dedupe with a stamp: keep the last occurrence of every id
-        pos = np.arange(len(cand), dtype=np.int32)
-        self.stamp[cand] = pos
-        cand = cand[self.stamp[cand] == pos]
+        # the neurons to re-evaluate, deduplicated through a mask: one scan of N bytes, cheaper
+        # than a sort or a stamp table, and it leaves them by id, so every gather below (and the
+        # simulator's) walks its table in order
+        mark = self._mark
+        mark[np.concatenate([*kids, on, off, *due])] = True
+        cand = np.flatnonzero(mark)
+        mark[cand] = False
         old_act, old_pred = self.act[cand], self.pred[cand]
         self.act[on] = True
         self.act[off] = False
@@ -219,9 +241,7 @@ class HermesFsm(PredictorPolicy):
         new_comp = new_pred | new_act if p.false_negative == "recompute" else new_pred
         old_comp = self.computed[cand]
         self.computed[cand] = new_comp
-        turned_on = cand[new_comp & ~old_comp]
-        turned_off = cand[~new_comp & old_comp]
-        return np.sort(turned_on), np.sort(turned_off)
+        return cand[new_comp & ~old_comp], cand[~new_comp & old_comp]     # (by id, as cand)
 
     def summary(self) -> dict[str, float]:
         """Recall, precision and table sizes over the run so far."""
