@@ -39,6 +39,14 @@ class SaturatingStates:
             raise ValueError(f"token {token} is too large for the packed state word")
         # int32 words (12 MB for llama2-70b) keep the per-toggle gathers cache friendly
         self.word = self.pack(states, active, token)
+        # the counter k tokens after its word's token, for k = 0 .. max_state (by then it has
+        # saturated: it moves by at least 1 a token, or never), as one table indexed by
+        # (the word's low bits: counter and activity) << k_bits | k
+        self._k_bits = max(int(self.max_state).bit_length(), 1)
+        low = np.arange(2**_T_SHIFT)
+        s, firing, k = (low >> _ACTIVE_BITS)[:, None], (low & 1)[:, None] == 1, np.arange(2**self._k_bits)[None, :]
+        table = np.where(firing, np.minimum(self.max_state, s + self.inc * k), np.maximum(0, s - self.dec * k))
+        self._table = np.clip(table, 0, 255).astype(np.uint8).ravel()
 
     @staticmethod
     def pack(states: np.ndarray, active: np.ndarray, token: int) -> np.ndarray:
@@ -55,8 +63,10 @@ class SaturatingStates:
         return np.where(word & 1, up, down)
 
     def states(self, idx: np.ndarray, token: int) -> np.ndarray:
-        """Counters of neurons ``idx`` after ``token`` (token >= their last toggle - 1)."""
-        return self._eval(self.word[idx], token)
+        """uint8 counters of neurons ``idx`` after ``token`` (token >= their last toggle - 1)."""
+        w = self.word.take(idx)
+        k = np.minimum(token - (w >> _T_SHIFT), self.max_state)
+        return self._table.take(((w & (2**_T_SHIFT - 1)) << self._k_bits) | k)
 
     def all_states(self, token: int) -> np.ndarray:
         """(N,) every counter after ``token`` (O(N): for tests and reports)."""

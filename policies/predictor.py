@@ -120,6 +120,7 @@ class HermesFsm(PredictorPolicy):
         act = np.asarray(active) > 0
         self.act = act.copy()
         self.states = SaturatingStates(initial_states(ctx.prefill_freqs), act, token, p.state_inc, p.state_dec)
+        self._table = self._rule_table()
         valid = parents >= 0
         self.s2 = np.where(valid, act[np.maximum(parents, 0)], 0).sum(axis=1).astype(np.int8)
         # layer 0 has no previous layer: as if both correlated neurons fired (no neuron has a
@@ -153,16 +154,27 @@ class HermesFsm(PredictorPolicy):
     def initial_computed(self) -> np.ndarray:
         return self.computed
 
-    def _rule(self, idx: np.ndarray, token: int) -> np.ndarray:
-        """Prediction for ``token`` of neurons ``idx`` (s1 after token-1, s2 now)."""
+    def _rule_table(self) -> np.ndarray:
+        """(3 * (max_state + 1),) bool: the prediction for s2 * (max_state + 1) + s1."""
         p = self.params
-        s1 = self.states.states(idx, token - 1)
-        s2 = self.s2[idx]
+        s1 = np.arange(self.states.max_state + 1)[None, :]
+        s2 = np.arange(3)[:, None]
         if p.mode == "token":
-            return s1 > p.token_threshold
-        if p.mode == "layer":
-            return s2 >= 1
-        return s1 + p.lam * s2 > p.threshold
+            table = np.broadcast_to(s1 > p.token_threshold, (3, s1.size))
+        elif p.mode == "layer":
+            table = np.broadcast_to(s2 >= 1, (3, s1.size))
+        else:
+            table = s1 + p.lam * s2 > p.threshold
+        return np.ascontiguousarray(table).ravel()
+
+    def _rule(self, idx: np.ndarray, token: int) -> np.ndarray:
+        """Prediction for ``token`` of neurons ``idx`` (s1 after token-1, s2 now), from a table
+        over (s2, s1): integer gathers instead of the float formula on every candidate."""
+        s1 = self.states.states(idx, token - 1)
+        cell = self.s2.take(idx).astype(np.int16)
+        cell *= self.states.max_state + 1
+        cell += s1
+        return self._table.take(cell)
 
     def _schedule(self, ids: np.ndarray, token: int, rising: bool, s0: np.ndarray | None = None) -> None:
         """Queue the tokens at which the trajectory of ``ids``, firing (rising) or idle from

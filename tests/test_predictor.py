@@ -37,7 +37,8 @@ def _coupled_dense(model, n_tokens, seed):
     return act, parents
 
 
-def reference_predictions(act, parents, prefill_freqs, first_layer, P, lam=6.0, T=15.0):
+def reference_predictions(act, parents, prefill_freqs, first_layer, P, lam=6.0, T=15.0, mode="both",
+                          token_threshold=10.0):
     """Dense O(N) per token: prediction for every token t >= P."""
     s = initial_states(prefill_freqs).astype(np.int64)  # state after P-1
     preds = {}
@@ -45,13 +46,14 @@ def reference_predictions(act, parents, prefill_freqs, first_layer, P, lam=6.0, 
     for t in range(P, act.shape[0]):
         s2 = np.where(valid, act[t][np.maximum(parents, 0)], 0).sum(axis=1)
         s2 = np.where(first_layer, 2, s2)
-        preds[t] = s + lam * s2 > T
+        preds[t] = {"both": s + lam * s2 > T, "token": s > token_threshold, "layer": s2 >= 1}[mode]
         s = np.where(act[t], np.minimum(15, s + 4), np.maximum(0, s - 1))
     return preds
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_event_driven_fsm_matches_dense_reference(seed, tiny_model, tiny_hw):
+@pytest.mark.parametrize("mode", ["both", "token", "layer"])
+def test_event_driven_fsm_matches_dense_reference(seed, mode, tiny_model, tiny_hw):
     P, n_tokens = 10, 60
     act, parents = _coupled_dense(tiny_model, n_tokens, seed)
     trace = ActivationTrace.from_dense(act, NeuronLayout.of(tiny_model))
@@ -59,9 +61,9 @@ def test_event_driven_fsm_matches_dense_reference(seed, tiny_model, tiny_hw):
     ctx = make_ctx(tiny_model, tiny_hw, trace)
     ctx.prefill_freqs = act[:P].mean(axis=0)
     ctx.layer_parents = parents
-    pred = registry("predictor").create("hermes.fsm", {"false_negative": "drop"})
+    pred = registry("predictor").create("hermes.fsm", {"false_negative": "drop", "mode": mode})
     pred.begin(ctx, act[P - 1], P - 1)
-    ref = reference_predictions(act, parents, ctx.prefill_freqs, ctx.layer_of == 0, P)
+    ref = reference_predictions(act, parents, ctx.prefill_freqs, ctx.layer_of == 0, P, mode=mode)
     computed = pred.initial_computed().copy()
     hits = active = predicted = 0
     for t in range(P, n_tokens):
