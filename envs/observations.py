@@ -6,6 +6,8 @@ Every feature is a ratio (normalised load, share of time, fraction of stages) cl
 """
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from ndpsched.simulator import DecodeRun, WindowOutcome
@@ -15,7 +17,6 @@ FEATURE_MAX = 10.0
 #: stage-imbalance levels whose exceedance fractions are observed (they match the tolerance
 #: levels of the balancer's action grid)
 TOLERANCE_LEVELS = (0.02, 0.05, 0.1, 0.2)
-_TOLERANCES = np.array(TOLERANCE_LEVELS)
 #: FSM-state levels whose candidate counts are observed (the hot-threshold levels of the grid)
 STATE_LEVELS = (6, 8, 10, 12, 14)
 _STATE_ABOVE = np.array(STATE_LEVELS) + 1
@@ -57,8 +58,10 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     by_dimm = load.T.copy()
     excess = (np.maximum.reduce(by_dimm) * load.shape[1] + 1e-30) / (np.add.reduce(by_dimm) + 1e-30) - 1.0
     excess.sort()
+    # as a list: a few quantiles and 4 exceedance counts cost less by bisection than numpy calls
+    excess = excess.tolist()
     n_stages = len(excess)
-    over = (n_stages - excess.searchsorted(_TOLERANCES, side="right")) / n_stages
+    over = [(n_stages - bisect.bisect_right(excess, t)) / n_stages for t in TOLERANCE_LEVELS]
     window_s = out.window_s
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
@@ -72,8 +75,8 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     feats = [
         window_s / (out.t1 - out.t0) / reference_token_s,
         sum(imbalance) / len(imbalance) - 1.0,
-        *over.tolist(),
-        *excess[[n_stages // 2, int(0.9 * (n_stages - 1)), -1]].tolist(),
+        *over,
+        excess[n_stages // 2], excess[int(0.9 * (n_stages - 1))], excess[-1],
         out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         comps["exposed_migration"] / window_s,
         last_moves.get("dimm_link_bytes", 0.0) / (cm.link_bw * hidden_s),
@@ -112,7 +115,9 @@ class ObservationStack:
         """Add a window's features (clipped) and return the flat history (a new array)."""
         hist = self._hist
         hist[:-1] = hist[1:]
-        hist[-1] = features.clip(0.0, FEATURE_MAX)       # (the method: np.clip's wrapper is slower)
+        row = hist[-1]                                   # clipped by two ufuncs (np.clip's wrapper is slower)
+        np.maximum(features, 0.0, out=row)
+        np.minimum(row, FEATURE_MAX, out=row)
         return hist.flatten()    # a copy: a view would change with the next push
 
 
