@@ -4,11 +4,12 @@ Runs the same simulator-bound sweep (trace-mode ``hermes`` scheduling with a top
 every trial is the decode loop, no ILP solver threads) with 1, 2, 4, ... workers on one local Ray
 instance and prints a Markdown table. Ray starts once; a warm-up sweep first starts one worker
 process per CPU and lets each draw (and cache) the trace, so the measured sweeps time trials, not
-process start-up or trace generation. ``--rounds R`` times the whole series R times in turn and
-keeps each worker count's best round; the "machine ceiling" column (off with ``--no-ceiling``)
+process start-up or trace generation. ``--rounds R`` times the whole series R times in turn (odd
+rounds in reverse order, so a drift of the machine's speed does not favour one end) and keeps each
+worker count's best round; the "machine ceiling" column (off with ``--no-ceiling``)
 shows how much of its speed a CPU-bound pure-Python loop keeps with N copies running at once.
 
-    python scripts/sweep_scaling.py --workers 1,2,4,8,16 --trials-per-worker 8 --rounds 2
+    python scripts/sweep_scaling.py --workers 1,2,4,8,16 --trials-per-worker 16 --rounds 3
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ndpsched.ray_session import WORKER_ENV
-from ndpsched.sweep import run_sweep
+from ndpsched.sweep import run_sweep, trial_metrics
 from ndpsched.sweep_spec import parse_sweep
 
 
@@ -91,7 +92,9 @@ def main() -> int:
                   out_dir=Path(tmp) / "warmup")
         print(f"warm-up ({2 * max(counts)} trials on {max(counts)} workers): {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
-        for rnd, w in ((r, w) for r in range(args.rounds) for w in counts):
+        # odd rounds run the counts in reverse, so a drift of the machine's speed over the run
+        # does not always favour the same end of the table
+        for rnd, w in ((r, w) for r in range(args.rounds) for w in (counts if r % 2 == 0 else counts[::-1])):
             n = args.trials_per_worker * w
             out = Path(tmp) / f"r{rnd}w{w}"
             res = run_sweep(spec_for(args.model, args.gen_len, n, w + 100 * rnd, args.trial), workers=w, out_dir=out)
@@ -102,7 +105,7 @@ def main() -> int:
             start = min(t.datetime_start for t in trials)
             end = max(t.datetime_complete for t in trials)
             span_s = (end - start).total_seconds()
-            trial_s = statistics.mean(t.user_attrs.get("wall_s", float("nan")) for t in trials)
+            trial_s = statistics.mean(trial_metrics(t).get("wall_s", float("nan")) for t in trials)
             rows.append((w, n, span_s, 60.0 * n / span_s, trial_s, res.n_failed))
             print(f"round {rnd}, workers {w}: {n} trials in {span_s:.1f} s", file=sys.stderr)
     ray.shutdown()

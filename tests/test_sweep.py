@@ -190,3 +190,17 @@ def test_worker_malloc_settings(monkeypatch):
         assert tune_malloc() is True
     monkeypatch.setenv("NDPSCHED_MALLOC", "default")
     assert tune_malloc() is False
+
+
+def test_trial_metrics_read_packed_and_per_attribute_layouts():
+    """Metrics are written as one user attribute (one storage write a trial); studies written
+    with one attribute per metric (earlier ndpsched) still read the same."""
+    optuna = pytest.importorskip("optuna")
+    from ndpsched.sweep import DRIVER_ATTR, METRICS_ATTR, trial_metrics
+
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    packed = optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=1.0,
+                                       user_attrs={DRIVER_ATTR: "h:1", METRICS_ATTR: {"tokens_per_s": 3.0, "wall_s": 0.2}})
+    legacy = optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=1.0,
+                                       user_attrs={DRIVER_ATTR: "h:1", "tokens_per_s": 3.0, "wall_s": 0.2})
+    assert trial_metrics(packed) == trial_metrics(legacy) == {"tokens_per_s": 3.0, "wall_s": 0.2}

@@ -18,7 +18,7 @@ import yaml
 pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
-from ndpsched.sweep import RETRY_ATTR, run_sweep
+from ndpsched.sweep import RETRY_ATTR, run_sweep, trial_metrics
 from ndpsched.sweep_spec import parse_sweep
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -71,7 +71,7 @@ def test_small_sweep_writes_csv_best_yaml_and_plots(ray_session, tmp_path):
     import json
 
     seed0 = json.loads(proc.stdout)["tokens_per_s"]
-    assert seed0 > 0 and best_trial.value == pytest.approx(best_trial.user_attrs["tokens_per_s"])
+    assert seed0 > 0 and best_trial.value == pytest.approx(trial_metrics(best_trial)["tokens_per_s"])
     holdout = (tmp_path / "holdout.csv").read_text().splitlines()
     assert len(holdout) == 3 and holdout[0].startswith("seed,default_tokens_per_s,tuned_tokens_per_s")
 
