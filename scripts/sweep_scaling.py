@@ -67,6 +67,9 @@ def main() -> int:
     ap.add_argument("--no-ceiling", action="store_true",
                     help="skip the machine's own ceiling: N copies of a CPU-bound pure-Python loop (no Ray, no "
                          "numpy), whose per-copy slowdown bounds any parallel efficiency on this machine")
+    ap.add_argument("--ceiling-s", type=float, default=0.3,
+                    help="seconds each copy of the ceiling's loop runs alone (3 rounds below 2 s, else 1): "
+                         "as long as a sweep round, it shows a sustained all-core load's clock limits")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time the whole series of worker counts this many times, in turn, and keep each "
                          "count's best round (a shared machine's speed drifts between rounds)")
@@ -112,7 +115,7 @@ def main() -> int:
     rows = [max((r for r in rows if r[0] == w), key=lambda r: r[3]) for w in counts]   # best round per count
     if args.pool_baseline:
         pool_rows = pool_baseline(args, counts)
-    ceiling = {} if args.no_ceiling else machine_ceiling(counts)
+    ceiling = {} if args.no_ceiling else machine_ceiling(counts, args.ceiling_s, 3 if args.ceiling_s < 2 else 1)
     base = rows[0][3] / rows[0][0]
     print(f"trial {args.trial}, model {args.model}, gen_len {args.gen_len}, {args.trials_per_worker} trials per worker, "
           f"best of {args.rounds} round(s), {os.cpu_count()} CPUs, malloc {'glibc defaults' if args.default_malloc else 'ndpsched WORKER_ENV'}")
@@ -124,8 +127,8 @@ def main() -> int:
         print(f"| {w} | {n} | {span:.1f} | {tpm:.1f} | {trial_s:.2f} | {tpm / (base):.2f} | "
               f"{100 * tpm / (w * base):.0f} % | {failed} |" + cell)
     if ceiling:
-        print("\nmachine ceiling: time of one copy of a CPU-bound pure-Python loop alone over its time with N "
-              "copies running at once (median of 3 rounds): what this machine's cores keep of their speed "
+        print(f"\nmachine ceiling: time of one copy of a CPU-bound pure-Python loop (~{args.ceiling_s:g} s alone) over "
+              "its time with N copies running at once: what this machine's cores keep of their speed "
               "when N are busy (clock boost, shared caches, the host), an upper bound of any efficiency")
     if args.pool_baseline:
         pbase = pool_rows[0][2]
@@ -148,25 +151,28 @@ def _pool_trial(args_tuple):
     return time.perf_counter() - t0
 
 
-def _spin(_=None) -> float:
-    """Seconds a fixed pure-Python loop takes (CPU-bound: no memory traffic, no numpy)."""
+def _spin(iterations: int = 4_000_000) -> float:
+    """Seconds a pure-Python loop of ``iterations`` takes (CPU-bound: no memory traffic, no numpy)."""
     t0 = time.perf_counter()
     acc = 0
-    for i in range(4_000_000):
+    for i in range(iterations):
         acc += i * i
     return time.perf_counter() - t0
 
 
-def machine_ceiling(counts: list[int], rounds: int = 3) -> dict[int, float]:
-    """Per worker count N: the loop's time alone over its mean time with N copies at once."""
+def machine_ceiling(counts: list[int], seconds: float = 0.3, rounds: int = 3) -> dict[int, float]:
+    """Per worker count N: the loop's time alone over its mean time with N copies at once. Each
+    copy runs about ``seconds`` (alone): long enough, a sustained all-core load shows clock limits
+    that a short burst does not."""
     import multiprocessing as mp
 
+    iterations = max(int(4_000_000 * seconds / max(_spin(), 1e-6)), 1)
     ctx = mp.get_context("fork")
     mean_s = {}
     for w in sorted({1, *counts}):
         with ctx.Pool(w) as pool:
-            pool.map(_spin, range(w))                    # warm the processes
-            mean_s[w] = statistics.median(statistics.mean(pool.map(_spin, range(w), chunksize=1))
+            pool.map(_spin, [100_000] * w)               # warm the processes
+            mean_s[w] = statistics.median(statistics.mean(pool.map(_spin, [iterations] * w, chunksize=1))
                                           for _ in range(rounds))
     return {w: mean_s[1] / mean_s[w] for w in counts}
 
