@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
@@ -30,18 +30,26 @@ def digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def lru_lookup(cache: OrderedDict, key: Hashable, compute: Callable[[], Any], max_entries: int) -> Any:
+    """``cache[key]``, computed by ``compute()`` and stored when missing; the cache keeps its
+    ``max_entries`` most recently used entries."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = compute()
+        while len(cache) > max_entries:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
 def cached_array(name: str, arrays: tuple[np.ndarray, ...], extra: Hashable,
                  compute: Callable[[], np.ndarray]) -> np.ndarray:
     """``compute()``'s (read-only) result for these input ``arrays`` and ``extra`` (other inputs,
     hashable), from the cache when an earlier call had the same name and inputs."""
-    key = (name, digest(*arrays), extra)
-    value = _CACHE.get(key)
-    if value is None:
+    def read_only() -> np.ndarray:
         value = np.asarray(compute())
         value.flags.writeable = False
-        _CACHE[key] = value
-        while len(_CACHE) > CACHE_ENTRIES:
-            _CACHE.popitem(last=False)
-    else:
-        _CACHE.move_to_end(key)
-    return value
+        return value
+
+    return lru_lookup(_CACHE, (name, digest(*arrays), extra), read_only, CACHE_ENTRIES)

@@ -84,19 +84,12 @@ def _test_hooks(obj: dict[str, Any], trial_number: int) -> None:
 # ---- simulate ---------------------------------------------------------------------------------
 def _cached_trace(cfg):
     """The trace ``cfg`` names, cached per process (keyed by everything that draws it)."""
+    from .content_cache import lru_lookup
     from .run import load_trace
 
     key = (cfg.model, cfg.weight_dtype, cfg.prompt_len + cfg.gen_len, cfg.batch, cfg.seed,
            tuple(sorted(vars(cfg.trace).items())))
-    trace = _TRACE_CACHE.get(key)
-    if trace is None:
-        trace = load_trace(cfg, cfg.load_model())
-        _TRACE_CACHE[key] = trace
-        while len(_TRACE_CACHE) > _TRACE_CACHE_SIZE:
-            _TRACE_CACHE.popitem(last=False)
-    else:
-        _TRACE_CACHE.move_to_end(key)
-    return trace
+    return lru_lookup(_TRACE_CACHE, key, lambda: load_trace(cfg, cfg.load_model()), _TRACE_CACHE_SIZE)
 
 
 def simulate_metrics(cfg) -> dict[str, float]:

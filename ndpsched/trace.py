@@ -145,16 +145,16 @@ class ActivationTrace:
     def _derive(self, key: tuple, compute) -> tuple:
         """``compute()`` (a tuple of arrays, made read-only), kept for the next call with ``key``
         (the last 16 are kept: a pool of sequences, not every sequence of a large trace)."""
-        value = self._derived.get(key)
-        if value is None:
+        from .content_cache import lru_lookup
+
+        def read_only() -> tuple:
             value = compute()
             for a in value:
                 if isinstance(a, np.ndarray):
                     a.flags.writeable = False
-            self._derived[key] = value
-            while len(self._derived) > 16:
-                self._derived.popitem(last=False)
-        return value
+            return value
+
+        return lru_lookup(self._derived, key, read_only, 16)
 
     def prompt_state(self, seq: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
         """((N,) int32 active-token counts over tokens [0, prompt_len), (N,) bool active set at
