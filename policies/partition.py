@@ -462,8 +462,8 @@ class _MemoPool:
         extra = usable.ravel().take(self.leftover_cell)
         if extra.any():
             # merge the leftovers (none of them in the window set) in (cell, id) order
-            both = (cell.astype(np.int64) << 32) | ids
-            more = np.sort((self.leftover_cell[extra].astype(np.int64) << 32) | self.leftover[extra])
-            both = np.insert(both, np.searchsorted(both, more), more)
+            # (one sort of the concatenation: about 2x faster here than sorting them and inserting)
+            both = np.sort(np.concatenate([(cell.astype(np.int64) << 32) | ids,
+                                           (self.leftover_cell[extra].astype(np.int64) << 32) | self.leftover[extra]]))
             ids, cell = both & 0xFFFFFFFF, both >> 32
         return ids.astype(np.intp), cell
