@@ -74,8 +74,9 @@ class HermesFsm(PredictorPolicy):
 
     Event driven: a neuron's prediction can only change when one of its correlated parents
     toggles or when its own state crosses a threshold, which happens at a token computable at
-    its last toggle; so a token costs O(toggles), not O(neurons). The correlation table comes
-    from the trace (``trace.layer_parents``: the generator's coupling, or an offline profile).
+    its last toggle; so a token re-evaluates O(toggles) neurons, not all of them (deduplicated
+    with one scan of an N-byte mask, which costs less than sorting them). The correlation table
+    comes from the trace (``trace.layer_parents``: the generator's coupling, or an offline profile).
     """
 
     @dataclass(frozen=True)
