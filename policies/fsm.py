@@ -54,23 +54,18 @@ class SaturatingStates:
         return ((np.int32(token) << _T_SHIFT) | (np.asarray(states, np.int32) << _ACTIVE_BITS)
                 | (np.asarray(active) > 0).astype(np.int32))
 
-    def _eval(self, word: np.ndarray, token) -> np.ndarray:
-        t_ref = word >> _T_SHIFT
-        s = (word >> _ACTIVE_BITS) & ((1 << _STATE_BITS) - 1)
-        k = token - t_ref
-        up = np.minimum(self.max_state, s + self.inc * k)
-        down = np.maximum(0, s - self.dec * k)
-        return np.where(word & 1, up, down)
+    def _lookup(self, word: np.ndarray, token: int) -> np.ndarray:
+        """uint8 counters after ``token`` of neurons with state words ``word``."""
+        k = np.minimum(token - (word >> _T_SHIFT), self.max_state)
+        return self._table.take(((word & (2**_T_SHIFT - 1)) << self._k_bits) | k)
 
     def states(self, idx: np.ndarray, token: int) -> np.ndarray:
         """uint8 counters of neurons ``idx`` after ``token`` (token >= their last toggle - 1)."""
-        w = self.word.take(idx)
-        k = np.minimum(token - (w >> _T_SHIFT), self.max_state)
-        return self._table.take(((w & (2**_T_SHIFT - 1)) << self._k_bits) | k)
+        return self._lookup(self.word.take(idx), token)
 
     def all_states(self, token: int) -> np.ndarray:
-        """(N,) every counter after ``token`` (O(N): for tests and reports)."""
-        return self._eval(self.word, token)
+        """(N,) uint8 every counter after ``token`` (O(N): for tests, reports and replay memos)."""
+        return self._lookup(self.word, token)
 
     def toggle(self, on: np.ndarray, off: np.ndarray, token: int) -> tuple[np.ndarray, np.ndarray]:
         """Neurons ``on`` start firing at ``token``, ``off`` stop; each id unique within its list.

@@ -227,7 +227,7 @@ class HermesAdjust(HermesIlp):
             return dense.take, dense
         self._catch_up()
         if memo is not None and memo.visits > 1:
-            dense = self.states.all_states(now).astype(np.uint8)
+            dense = self.states.all_states(now)
             memo.put(key, dense)
             return dense.take, dense
         return functools.partial(self.states.states, token=now), None
@@ -288,11 +288,10 @@ class HermesAdjust(HermesIlp):
             for ids in turned_on:
                 mask[ids] = True
             ids = np.flatnonzero(mask)
-            n_cells = self.ctx.layout.n_groups * 16
-            cell = self.ctx.group_of.take(ids) * 16 + (15 - dense.take(ids).astype(np.int32))
-            cell = cell.astype(np.uint16 if n_cells <= 2**16 else np.int64)
+            n_stage = self.ctx.layout.n_groups
+            cell = _cells(self.ctx.group_of, dense, ids).astype(_cell_dtype(n_stage))
             order = np.argsort(cell, kind="stable")              # ids stay by id within a cell
-            starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
+            starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_stage * 16))])
             arrays = [ids.take(order).astype(np.int32), cell.take(order), starts, np.packbits(mask)]
             for name, a in zip(names, arrays):
                 memo.put(key + (name,), a)
@@ -313,10 +312,6 @@ class HermesAdjust(HermesIlp):
             hot = self._hot = np.flatnonzero(on_gpu)
         return hot
 
-    def _stage_bounds(self, ids: np.ndarray) -> np.ndarray:
-        """(G,) count of sorted ``ids`` in each stage (a stage's neurons are consecutive ids)."""
-        return np.diff(np.searchsorted(ids, self.ctx.layout.group_starts()))
-
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p = self.ctx, self.params
         pool = self._candidate_pool(placement, window)
@@ -328,7 +323,7 @@ class HermesAdjust(HermesIlp):
         n_stage = ctx.layout.n_groups
         # candidates by stage, highest state first; evictees by stage, lowest state first, ties by
         # neuron id on both sides
-        key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
+        key_dtype = _cell_dtype(n_stage)
         stage16 = np.arange(n_stage, dtype=key_dtype) * 16
         # cells (stage, 15 - state) that can promote: states above T_h and, with hidden copies,
         # only the first 3 x cap candidates of a stage (it promotes at most cap and keeps 2 x cap
@@ -345,7 +340,7 @@ class HermesAdjust(HermesIlp):
         c_stage, cand_state = np.divmod(c_key, 16)
         cand_state = 15 - cand_state
         hot_state = pool.states(hot)
-        e_count = self._stage_bounds(hot)
+        e_count = _stage_counts(hot, ctx.layout.group_starts())
         e_order = np.argsort(np.repeat(stage16, e_count) + hot_state.astype(key_dtype), kind="stable")
         hot_state = hot_state.take(e_order)
         c_count = np.bincount(c_stage, minlength=n_stage)
@@ -388,7 +383,25 @@ class _WindowSet(NamedTuple):
 
 def _member(bits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """(len(ids),) bool: whether neurons ``ids`` are set in packed ``bits``."""
-    return ((bits.take(ids >> 3) >> (7 - (ids & 7)).astype(np.uint8)) & np.uint8(1)).view(bool)
+    from ndpsched.replay import SequenceReplay
+
+    return SequenceReplay.active_of(bits[None], ids)[0].view(bool)
+
+
+def _cell_dtype(n_stage: int) -> type:
+    """dtype of (stage, 15 - state) cell keys: 16 bits where they fit (numpy's stable argsort then
+    runs as a radix sort)."""
+    return np.uint16 if n_stage * 16 <= 2**16 else np.int64
+
+
+def _cells(group_of: np.ndarray, states: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """int32 cell keys ``stage * 16 + 15 - state`` of neurons ``ids`` ((N,) ``states``)."""
+    return group_of.take(ids) * 16 + (15 - states.take(ids).astype(np.int32))
+
+
+def _stage_counts(ids: np.ndarray, group_starts: np.ndarray) -> np.ndarray:
+    """(G,) count of sorted ``ids`` in each stage (a stage's neurons are consecutive ids)."""
+    return np.diff(np.searchsorted(ids, group_starts))
 
 
 class _MaskPool:
@@ -401,8 +414,8 @@ class _MaskPool:
         # the ids are sorted, so their stages are runs; 16-bit keys let numpy's stable argsort run
         # as a radix sort
         n_stage = len(group_starts) - 1
-        key_dtype = np.uint16 if n_stage * 16 < 2**16 else np.int64
-        self.key = (np.repeat(np.arange(n_stage, dtype=key_dtype) * 16, np.diff(np.searchsorted(self.ids, group_starts)))
+        key_dtype = _cell_dtype(n_stage)
+        self.key = (np.repeat(np.arange(n_stage, dtype=key_dtype) * 16, _stage_counts(self.ids, group_starts))
                     + (15 - states(self.ids)).astype(key_dtype))
         self.cells = np.bincount(self.key, minlength=n_stage * 16).reshape(n_stage, 16)
 
@@ -429,12 +442,11 @@ class _MemoPool:
         self.states = dense.take
         n_cells = n_stage * 16
         hot_in = hot[_member(window_set.bits, hot)]             # in the set but not candidates
-        self.hot_cells = np.bincount(group_of.take(hot_in) * 16 + (15 - dense.take(hot_in).astype(np.int32)),
-                                     minlength=n_cells)
+        self.hot_cells = np.bincount(_cells(group_of, dense, hot_in), minlength=n_cells)
         if len(leftover):
             leftover = leftover[~(on_gpu.take(leftover) | _member(window_set.bits, leftover))]
         self.leftover = leftover
-        self.leftover_cell = group_of.take(leftover) * 16 + (15 - dense.take(leftover).astype(np.int32))
+        self.leftover_cell = _cells(group_of, dense, leftover)
         self.cells = (np.diff(window_set.starts) - self.hot_cells
                       + np.bincount(self.leftover_cell, minlength=n_cells)).reshape(n_stage, 16)
 
