@@ -323,10 +323,12 @@ def _run_trials(study, spec: SweepSpec, out: Path, budget: int, done: int, worke
         while done < budget or pending:
             while len(pending) < n_queued and done + len(pending) < budget:
                 trial = study.ask()
-                trial.set_user_attr(DRIVER_ATTR, _driver_id())
                 params = {p.name: p.suggest(trial) for p in spec.space}
                 ref = run_trial.options(max_retries=spec.max_retries, retry_exceptions=False).remote(
                     payload_ref, params, trial.number, broker)
+                # after the submission (one SQLite write less before a free worker starts): a
+                # trial that a killed driver left without it counts as stale all the same
+                trial.set_user_attr(DRIVER_ATTR, _driver_id())
                 pending[ref] = trial
                 by_number[trial.number] = trial
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.05 if use_pruner else 1.0)

@@ -68,7 +68,7 @@ def main() -> int:
                     help="skip the machine's own ceiling: N copies of a CPU-bound pure-Python loop (no Ray, no "
                          "numpy), whose per-copy slowdown bounds any parallel efficiency on this machine")
     ap.add_argument("--ceiling-s", type=float, default=0.3,
-                    help="seconds each copy of the ceiling's loop runs alone (3 rounds below 2 s, else 1): "
+                    help="seconds each copy of the ceiling's loop runs (3 rounds below 2 s, else 1): "
                          "as long as a sweep round, it shows a sustained all-core load's clock limits")
     ap.add_argument("--rounds", type=int, default=1,
                     help="time the whole series of worker counts this many times, in turn, and keep each "
@@ -100,7 +100,9 @@ def main() -> int:
         for rnd, w in ((r, w) for r in range(args.rounds) for w in (counts if r % 2 == 0 else counts[::-1])):
             n = args.trials_per_worker * w
             out = Path(tmp) / f"r{rnd}w{w}"
+            before = cpu_times()
             res = run_sweep(spec_for(args.model, args.gen_len, n, w + 100 * rnd, args.trial), workers=w, out_dir=out)
+            shares = cpu_shares(before, cpu_times())
             import optuna
 
             study = optuna.load_study(study_name="scaling", storage=f"sqlite:///{out / 'study.db'}")
@@ -109,8 +111,9 @@ def main() -> int:
             end = max(t.datetime_complete for t in trials)
             span_s = (end - start).total_seconds()
             trial_s = statistics.mean(trial_metrics(t).get("wall_s", float("nan")) for t in trials)
-            rows.append((w, n, span_s, 60.0 * n / span_s, trial_s, res.n_failed))
-            print(f"round {rnd}, workers {w}: {n} trials in {span_s:.1f} s", file=sys.stderr)
+            rows.append((w, n, span_s, 60.0 * n / span_s, trial_s, res.n_failed, shares))
+            print(f"round {rnd}, workers {w}: {n} trials in {span_s:.1f} s, {60.0 * n / span_s:.1f} trials/min"
+                  + "".join(f", {k} {100 * v:.1f} %" for k, v in shares.items()), file=sys.stderr)
     ray.shutdown()
     rows = [max((r for r in rows if r[0] == w), key=lambda r: r[3]) for w in counts]   # best round per count
     if args.pool_baseline:
@@ -120,16 +123,18 @@ def main() -> int:
     print(f"trial {args.trial}, model {args.model}, gen_len {args.gen_len}, {args.trials_per_worker} trials per worker, "
           f"best of {args.rounds} round(s), {os.cpu_count()} CPUs, malloc {'glibc defaults' if args.default_malloc else 'ndpsched WORKER_ENV'}")
     extra = " machine ceiling |" if ceiling else ""
-    print("| workers | trials | span (s) | trials/min | mean trial (s) | speed-up | efficiency | failed |" + extra)
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ceiling else ""))
-    for w, n, span, tpm, trial_s, failed in rows:
+    print("| workers | trials | span (s) | trials/min | mean trial (s) | speed-up | efficiency | failed | steal |" + extra)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ceiling else ""))
+    for w, n, span, tpm, trial_s, failed, shares in rows:
         cell = f" {100 * ceiling[w]:.0f} % |" if ceiling else ""
+        steal = f"{100 * shares['steal']:.1f} %" if shares else "n/a"
         print(f"| {w} | {n} | {span:.1f} | {tpm:.1f} | {trial_s:.2f} | {tpm / (base):.2f} | "
-              f"{100 * tpm / (w * base):.0f} % | {failed} |" + cell)
+              f"{100 * tpm / (w * base):.0f} % | {failed} | {steal} |" + cell)
     if ceiling:
-        print(f"\nmachine ceiling: time of one copy of a CPU-bound pure-Python loop (~{args.ceiling_s:g} s alone) over "
-              "its time with N copies running at once: what this machine's cores keep of their speed "
+        print(f"\nmachine ceiling: speed of a CPU-bound pure-Python loop ({args.ceiling_s:g} s per copy) with N copies "
+              "running at once over its speed alone: what this machine's cores keep of their speed "
               "when N are busy (clock boost, shared caches, the host), an upper bound of any efficiency")
+    print("steal: share of the machine's CPU time during that round that the hypervisor gave to other guests")
     if args.pool_baseline:
         pbase = pool_rows[0][2]
         print()
@@ -151,30 +156,53 @@ def _pool_trial(args_tuple):
     return time.perf_counter() - t0
 
 
-def _spin(iterations: int = 4_000_000) -> float:
-    """Seconds a pure-Python loop of ``iterations`` takes (CPU-bound: no memory traffic, no numpy)."""
+def _spin(seconds: float) -> float:
+    """Rate (loop passes per second) of a CPU-bound pure-Python loop run for ``seconds`` (no memory
+    traffic, no numpy). Timed by duration, not by a fixed amount of work, so every copy of a batch
+    runs the whole time and none finishes early and frees its core for the others."""
     t0 = time.perf_counter()
-    acc = 0
-    for i in range(iterations):
-        acc += i * i
-    return time.perf_counter() - t0
+    passes, acc = 0, 0
+    while time.perf_counter() - t0 < seconds:
+        for i in range(10_000):
+            acc += i * i
+        passes += 1
+    return passes / (time.perf_counter() - t0)
 
 
 def machine_ceiling(counts: list[int], seconds: float = 0.3, rounds: int = 3) -> dict[int, float]:
-    """Per worker count N: the loop's time alone over its mean time with N copies at once. Each
-    copy runs about ``seconds`` (alone): long enough, a sustained all-core load shows clock limits
-    that a short burst does not."""
+    """Per worker count N: the loop's mean rate with N copies at once over its rate alone. Each
+    copy runs ``seconds``: long enough, a sustained all-core load shows clock limits that a short
+    burst does not."""
     import multiprocessing as mp
 
-    iterations = max(int(4_000_000 * seconds / max(_spin(), 1e-6)), 1)
     ctx = mp.get_context("fork")
-    mean_s = {}
+    rate = {}
     for w in sorted({1, *counts}):
         with ctx.Pool(w) as pool:
-            pool.map(_spin, [100_000] * w)               # warm the processes
-            mean_s[w] = statistics.median(statistics.mean(pool.map(_spin, [iterations] * w, chunksize=1))
-                                          for _ in range(rounds))
-    return {w: mean_s[1] / mean_s[w] for w in counts}
+            pool.map(_spin, [0.05] * w, chunksize=1)           # warm the processes
+            rate[w] = statistics.median(statistics.mean(pool.map(_spin, [seconds] * w, chunksize=1))
+                                        for _ in range(rounds))
+    return {w: rate[w] / rate[1] for w in counts}
+
+
+def cpu_times() -> list[int]:
+    """Machine-wide CPU time counters from /proc/stat (user nice system idle iowait irq softirq
+    steal), or [] where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def cpu_shares(before: list[int], after: list[int]) -> dict[str, float]:
+    """Shares of the machine's CPU time between two :func:`cpu_times`: busy, idle and steal (time
+    the hypervisor gave this VM's cores to others: a shared host)."""
+    if not before or not after:
+        return {}
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d) or 1
+    return {"busy": (total - d[3] - d[4] - d[7]) / total, "idle": (d[3] + d[4]) / total, "steal": d[7] / total}
 
 
 def _draw(space: dict[str, str], rng) -> dict[str, float]:
