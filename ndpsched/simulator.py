@@ -379,6 +379,7 @@ class DecodeRun:
         self.scratch = (np.zeros(sim.layout.n_neurons, dtype=np.int32), np.zeros(sim.layout.n_neurons, dtype=bool)) \
             if self.keep_active and self.replay is None else None
 
+        self._id_stamp = np.empty(sim.layout.n_neurons, dtype=np.int32)      # see _check_ids
         self.prefill = sim.cost.prefill_cost(P, B)
         self.breakdown = dict.fromkeys(COMPONENTS, 0.0)
         for k, v in self.prefill.items():
@@ -597,7 +598,7 @@ class DecodeRun:
         evict = np.asarray(change.evict, dtype=np.int64)
         who = who or f"partition '{self.sim.partition.registered_name}'"
         moved = np.concatenate([evict, promote])          # (one check and one recount for both)
-        _check_ids(moved, ctx.n_neurons, who)
+        _check_ids(moved, ctx.n_neurons, who, self._id_stamp)
         on_gpu = placement.on_gpu
         if on_gpu.take(promote).any() or not on_gpu.take(evict).all():
             raise ConfigError(f"{who} promoted a neuron already on the GPU or evicted one that is not")
@@ -629,7 +630,7 @@ class DecodeRun:
         idx = np.asarray(change.neurons, dtype=np.int64)
         dest = np.asarray(change.dest, dtype=np.int64)
         who = who or f"balancer '{self.sim.balancer.registered_name}'"
-        _check_ids(idx, ctx.n_neurons, who)
+        _check_ids(idx, ctx.n_neurons, who, self._id_stamp)
         if dest.shape != idx.shape or (dest.size and (dest.min() < 0 or dest.max() >= ctx.n_dimms)):
             raise ConfigError(f"{who} returned destinations outside DIMMs 0..{ctx.n_dimms - 1}")
         src = placement.home_dimm[idx].astype(np.int64)
@@ -723,9 +724,12 @@ def _is_online(policy, base: type) -> bool:
     return type(policy)._update is not base._update
 
 
-def _check_ids(idx: np.ndarray, n: int, who: str) -> None:
+def _check_ids(idx: np.ndarray, n: int, who: str, stamp: np.ndarray) -> None:
+    """Ids in 0..n-1, none twice. ``stamp``: (n,) int32 scratch, any content: each id's position is
+    written into it and read back, and a repeated id reads another position (O(len(idx)), no sort)."""
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise ConfigError(f"{who} returned neuron ids outside 0..{n - 1}")
-    ordered = np.sort(idx)
-    if (ordered[1:] == ordered[:-1]).any():
+    position = np.arange(len(idx), dtype=np.int32)
+    stamp[idx] = position
+    if (stamp.take(idx) != position).any():
         raise ConfigError(f"{who} returned the same neuron twice in one decision (or promoted and evicted it)")
