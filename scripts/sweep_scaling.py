@@ -89,6 +89,7 @@ def main() -> int:
     ray.init(num_cpus=max(counts), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": worker_env})
     rows = []
+    per_round: dict[tuple[int, int], float] = {}      # (round, workers) -> trials/min
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         run_sweep(spec_for(args.model, args.gen_len, 2 * max(counts), 99, args.trial), workers=max(counts),
@@ -112,6 +113,7 @@ def main() -> int:
             span_s = (end - start).total_seconds()
             trial_s = statistics.mean(trial_metrics(t).get("wall_s", float("nan")) for t in trials)
             rows.append((w, n, span_s, 60.0 * n / span_s, trial_s, res.n_failed, shares))
+            per_round[rnd, w] = 60.0 * n / span_s
             print(f"round {rnd}, workers {w}: {n} trials in {span_s:.1f} s, {60.0 * n / span_s:.1f} trials/min"
                   + "".join(f", {k} {100 * v:.1f} %" for k, v in shares.items()), file=sys.stderr)
     ray.shutdown()
@@ -120,18 +122,25 @@ def main() -> int:
         pool_rows = pool_baseline(args, counts)
     ceiling = {} if args.no_ceiling else machine_ceiling(counts, args.ceiling_s, 3 if args.ceiling_s < 2 else 1)
     base = rows[0][3] / rows[0][0]
+    # each round's efficiency against that round's own baseline (minutes apart, not the best of
+    # all rounds): the median over rounds is less at the mercy of one lucky or unlucky round
+    paired = {w: statistics.median(per_round[r, w] / (w / counts[0] * per_round[r, counts[0]])
+                                   for r in range(args.rounds)) for w in counts}
     print(f"trial {args.trial}, model {args.model}, gen_len {args.gen_len}, {args.trials_per_worker} trials per worker, "
           f"best of {args.rounds} round(s), {os.cpu_count()} CPUs, malloc {'glibc defaults' if args.default_malloc else 'ndpsched WORKER_ENV'}")
     extra = " machine ceiling |" if ceiling else ""
-    print("| workers | trials | span (s) | trials/min | mean trial (s) | speed-up | efficiency | failed | steal |" + extra)
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ceiling else ""))
+    print("| workers | trials | span (s) | trials/min | mean trial (s) | speed-up | efficiency | efficiency, "
+          "median of rounds | failed | steal |" + extra)
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ceiling else ""))
     for w, n, span, tpm, trial_s, failed, shares in rows:
         cell = f" {100 * ceiling[w]:.0f} % |" if ceiling else ""
         steal = f"{100 * shares['steal']:.1f} %" if shares else "n/a"
         print(f"| {w} | {n} | {span:.1f} | {tpm:.1f} | {trial_s:.2f} | {tpm / (base):.2f} | "
-              f"{100 * tpm / (w * base):.0f} % | {failed} | {steal} |" + cell)
+              f"{100 * tpm / (w * base):.0f} % | {100 * paired[w]:.0f} % | {failed} | {steal} |" + cell)
+    print(f"\nefficiency: best round of N workers over N x the best round of {counts[0]}; median of rounds: "
+          f"each round's N workers over N x that round's {counts[0]}, the median over the rounds")
     if ceiling:
-        print(f"\nmachine ceiling: speed of a CPU-bound pure-Python loop ({args.ceiling_s:g} s per copy) with N copies "
+        print(f"machine ceiling: speed of a CPU-bound pure-Python loop ({args.ceiling_s:g} s per copy) with N copies "
               "running at once over its speed alone: what this machine's cores keep of their speed "
               "when N are busy (clock boost, shared caches, the host), an upper bound of any efficiency")
     print("steal: share of the machine's CPU time during that round that the hypervisor gave to other guests")
