@@ -204,3 +204,24 @@ def test_constraints_and_journal_storage(ray_session, tmp_path):
     assert x * x + y * y <= 4
     rows = (tmp_path / "out" / "trials.csv").read_text().splitlines()
     assert "feasible" in rows[0] and len(rows) == 11
+
+
+def test_scaling_script_prints_its_table(tmp_path):
+    """scripts/sweep_scaling.py (the README's scaling figures) runs end to end on a small case: one
+    row per worker count, with both efficiencies and no failed trial."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sweep_scaling.py"
+    proc = subprocess.run([sys.executable, str(script), "--workers", "1,2", "--trials-per-worker", "2", "--rounds", "2",
+                           "--model", "tiny", "--gen-len", "16", "--no-ceiling"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    header, body = rows[0], rows[1:]
+    assert [c.strip() for c in header[:3]] == ["workers", "trials", "span (s)"]
+    assert [int(r[0]) for r in body] == [1, 2] and [int(r[1]) for r in body] == [2, 4]
+    col = [c.strip() for c in header]
+    for r in body:
+        assert int(r[col.index("failed")]) == 0
+        assert float(r[col.index("trials/min")]) > 0
+        assert r[col.index("efficiency, median of rounds")].strip().endswith("%")
+    assert body[0][col.index("efficiency")].strip() == "100 %"
+    assert "round 1, workers 1" in proc.stderr
