@@ -179,19 +179,24 @@ def _spin(seconds: float) -> float:
 
 
 def machine_ceiling(counts: list[int], seconds: float = 0.3, rounds: int = 3) -> dict[int, float]:
-    """Per worker count N: the loop's mean rate with N copies at once over its rate alone. Each
+    """Per worker count N: the loop's mean rate with N copies at once over its rate alone, the
+    lone copy timed just before the N (a core's speed alone drifts by tens of % between minutes on
+    a shared host, so a single lone figure for all N would carry its drift into every ratio). Each
     copy runs ``seconds``: long enough, a sustained all-core load shows clock limits that a short
     burst does not."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    rate = {}
-    for w in sorted({1, *counts}):
-        with ctx.Pool(w) as pool:
-            pool.map(_spin, [0.05] * w, chunksize=1)           # warm the processes
-            rate[w] = statistics.median(statistics.mean(pool.map(_spin, [seconds] * w, chunksize=1))
-                                        for _ in range(rounds))
-    return {w: rate[w] / rate[1] for w in counts}
+    ratio = {}
+    with ctx.Pool(max(counts)) as pool:
+        pool.map(_spin, [0.05] * max(counts), chunksize=1)          # warm the processes
+        for w in counts:
+            ratios = []
+            for _ in range(rounds):
+                alone = pool.apply(_spin, (seconds,))
+                ratios.append(statistics.mean(pool.map(_spin, [seconds] * w, chunksize=1)) / alone)
+            ratio[w] = statistics.median(ratios)
+    return ratio
 
 
 def cpu_times() -> list[int]:
