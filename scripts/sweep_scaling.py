@@ -6,7 +6,7 @@ instance and prints a Markdown table. Ray starts once; a warm-up sweep first sta
 process per CPU and lets each draw (and cache) the trace, so the measured sweeps time trials, not
 process start-up or trace generation. ``--rounds R`` times the whole series R times in turn (odd
 rounds in reverse order, so a drift of the machine's speed does not favour one end) and keeps each
-worker count's best round; the "machine ceiling" column (off with ``--no-ceiling``)
+worker count's best round; the "machine ceiling" column (off with ``--no-ceiling``; ``--ceiling-only`` runs it alone)
 shows how much of its speed a CPU-bound pure-Python loop keeps with N copies running at once.
 
     python scripts/sweep_scaling.py --workers 1,2,4,8,16 --trials-per-worker 16 --rounds 3
@@ -75,7 +75,20 @@ def main() -> int:
                          "count's best round (a shared machine's speed drifts between rounds)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default malloc settings in the workers (the reference for ndpsched's)")
+    ap.add_argument("--ceiling-only", action="store_true",
+                    help="only probe the machine: the ceiling for each worker count, with the machine's "
+                         "busy/idle/steal shares during the probe (no Ray, no sweep)")
     args = ap.parse_args()
+    if args.ceiling_only:
+        counts = [int(w) for w in args.workers.split(",")]
+        before = cpu_times()
+        ceiling = machine_ceiling(counts, args.ceiling_s, 3 if args.ceiling_s < 2 else 1)
+        shares = cpu_shares(before, cpu_times())
+        print(f"{os.cpu_count()} CPUs, {args.ceiling_s:g} s per copy; "
+              + ", ".join(f"{k} {100 * v:.1f} %" for k, v in shares.items()))
+        for w in counts:
+            print(f"{w:3d} copies: {100 * ceiling[w]:.0f} % of the speed of one copy alone (timed just before)")
+        return 0
     counts = [int(w) for w in args.workers.split(",")]
     if args.default_malloc:            # the reference: glibc's default malloc settings in the workers
         os.environ["NDPSCHED_MALLOC"] = "default"

@@ -225,3 +225,14 @@ def test_scaling_script_prints_its_table(tmp_path):
         assert r[col.index("efficiency, median of rounds")].strip().endswith("%")
     assert body[0][col.index("efficiency")].strip() == "100 %"
     assert "round 1, workers 1" in proc.stderr
+
+
+def test_scaling_script_ceiling_only_probes_the_machine():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sweep_scaling.py"
+    proc = subprocess.run([sys.executable, str(script), "--ceiling-only", "--workers", "1,2", "--ceiling-s", "0.05"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "steal" in lines[0]
+    ratios = [float(line.split(":")[1].split("%")[0]) for line in lines[1:]]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
