@@ -5,9 +5,11 @@ every trial is the decode loop, no ILP solver threads) with 1, 2, 4, ... workers
 instance and prints a Markdown table. Ray starts once; a warm-up sweep first starts one worker
 process per CPU and lets each draw (and cache) the trace, so the measured sweeps time trials, not
 process start-up or trace generation. ``--rounds R`` times the whole series R times in turn (odd
-rounds in reverse order, so a drift of the machine's speed does not favour one end) and keeps each
-worker count's best round; the "machine ceiling" column (off with ``--no-ceiling``; ``--ceiling-only`` runs it alone)
-shows how much of its speed a CPU-bound pure-Python loop keeps with N copies running at once.
+rounds in reverse order, so a drift of the machine's speed does not favour one end); the table
+gives each count's best round and, per round, its efficiency against that round's own baseline
+(the median over rounds), with the machine's steal time. The "machine ceiling" column (off with
+``--no-ceiling``; ``--ceiling-only`` runs it alone) shows how much of its speed a CPU-bound
+pure-Python loop keeps with N copies running at once.
 
     python scripts/sweep_scaling.py --workers 1,2,4,8,16 --trials-per-worker 16 --rounds 3
 """
