@@ -128,3 +128,53 @@ def test_bad_cost_params():
         CostParams(attention_split="diagonal")
     with pytest.raises(Exception, match="sync_us"):
         CostParams(sync_us=-1)
+
+
+def test_hand_computed_window_batch1(cm):
+    """The batch-1 path (``total`` None): one busy QKV stage shared by the GPU and a DIMM, one FFN
+    stage on two DIMMs, every other stage idle; the step time and DIMM imbalance by hand."""
+    m, hw, p = cm.model, cm.hw, cm.params
+    c = np.zeros((1, 2 * cm.n_layers, 9))
+    c[0, 0, 0], c[0, 0, 3] = 100, 50          # layer 0 QKV: 100 on the GPU, 50 on DIMM 2
+    c[0, 1, 1], c[0, 1, 2] = 30, 10           # layer 0 FFN: 30 on DIMM 0, 10 on DIMM 1
+    dimm_bw, ndp_macs = hw.dimm.internal_bw_gbps * 1e9, hw.dimm.ndp_macs_per_s
+    issue = p.ndp_issue_us * 1e-6
+
+    def dimm_s(n, kind):
+        return max(n * m.neuron_bytes[kind] / dimm_bw, n * m.neuron_macs[kind] / ndp_macs) + issue
+
+    bw_gpu = hw.gpu.memory_bw_gbps * 1e9 * hw.gpu.sparse_bw_efficiency
+    flops = hw.gpu.fp16_tflops * 1e12 * hw.gpu.compute_efficiency
+    gpu_qkv = (max(100 * m.qkv_neuron_bytes / bw_gpu, 2 * 100 * m.neuron_macs[0] / flops)
+               + p.gpu_kernels_qkv * hw.gpu.kernel_overhead_us * 1e-6 + 2 * p.sync_us * 1e-6)
+    stage_qkv, stage_ffn = max(gpu_qkv, dimm_s(50, 0)), dimm_s(30, 1)
+    _, merge, proj, lm = cm.fixed_times_s(1)
+    attn = float(cm.attention_s(200, 1))
+    want_step = stage_qkv + stage_ffn + cm.n_layers * (merge + proj + attn) + lm
+    cost = cm.steps_cost(c, None, np.array([200]), 1)
+    assert cost.step_s[0] == pytest.approx(want_step, rel=1e-12)
+    busy = dimm_s(50, 0) + dimm_s(30, 1) + dimm_s(10, 1)
+    assert cost.dimm_imbalance[0] == pytest.approx((dimm_s(50, 0) + dimm_s(30, 1)) * 8 / busy, rel=1e-12)
+    critical_gpu = gpu_qkv >= dimm_s(50, 0)
+    assert cost.components["dimm_compute"] == pytest.approx(stage_ffn + (0 if critical_gpu else stage_qkv), rel=1e-12)
+
+
+@pytest.mark.parametrize("n_steps", [1, 5])
+@pytest.mark.parametrize("migration", [False, True])
+def test_batch1_path_matches_general_path(cm, n_steps, migration):
+    """Batch 1 prices through its own path (``total`` None); with ``total`` equal to ``union`` the
+    general path must give the same numbers (up to summation order)."""
+    rng = np.random.default_rng(n_steps + 10 * migration)
+    c = np.stack([_counts(cm.model, 8, rng) for _ in range(n_steps)])
+    c[rng.random(c.shape) < 0.3] = 0                      # idle stages and DIMMs
+    kv = np.arange(100, 100 + n_steps) + 1
+    L = cm.n_layers
+    mig = (rng.random(L) * 2e6, rng.random(L) * 1e-4) if migration else (None, None)
+    fast, general = cm.steps_cost(c, None, kv, 1, *mig), cm.steps_cost(c, c.copy(), kv, 1, *mig)
+    for a, b in ((fast.step_s, general.step_s), (fast.layer_s, general.layer_s),
+                 (fast.dimm_imbalance, general.dimm_imbalance)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    for k in general.components:
+        assert fast.components[k] == pytest.approx(general.components[k], rel=1e-12, abs=1e-18), k
+    for k in general.stage_s:
+        assert fast.stage_s[k] == pytest.approx(general.stage_s[k], rel=1e-12), k
