@@ -8,6 +8,8 @@ second episode on a window can read that state instead of rebuilding it from the
 - ``bits``: the active set at every token, bit-packed (N / 8 bytes a token);
 - ``window_counts``: per window, each neuron's active-token count (N bytes a window), what
   :meth:`~ndpsched.policy.WindowActivity.neuron_counts` returns;
+- ``window_changed``: per window, the neurons whose activity changes at one of its tokens,
+  bit-packed (N / 8 bytes a window): the simulator re-counts only those of its moved neurons;
 - ``memo``: per window, what policies derive from the window's activity alone (Hermes' FSM states
   at its end, say), handed to them as a :class:`WindowMemo`.
 
@@ -40,13 +42,15 @@ class SequenceReplay:
         self.bits[0] = np.packbits(active_at_first)
         self.have[0] = True
         self.window_counts: dict[tuple[int, int], np.ndarray] = {}
+        self.window_changed: dict[tuple[int, int], np.ndarray] = {}
         self.memo: dict[tuple[int, int], dict] = {}
         self.visits: dict[tuple[int, int], int] = {}
 
     @staticmethod
     def nbytes_for(n_neurons: int, n_rows: int, window_tokens: int) -> int:
         """Bytes a sequence's replay state reaches once every window is cached."""
-        return n_rows * ((n_neurons + 7) // 8) + -(-(n_rows - 1) // window_tokens) * n_neurons
+        n_windows = -(-(n_rows - 1) // window_tokens)
+        return n_rows * ((n_neurons + 7) // 8) + n_windows * (n_neurons + (n_neurons + 7) // 8)
 
     def rows(self, t0: int, t1: int) -> np.ndarray | None:
         """(t1 - t0 + 1, N / 8) packed active sets at tokens t0 - 1 .. t1 - 1, or None if a token
@@ -70,6 +74,14 @@ class SequenceReplay:
                 acc += np.unpackbits(row, count=self.n_neurons)
             self.window_counts[key] = acc
         return self.window_counts[key]
+
+    def changed(self, t0: int, t1: int, rows: np.ndarray) -> np.ndarray:
+        """(N / 8,) uint8: bit-packed, the neurons whose activity at one of tokens [t0, t1) differs
+        from the token before (``rows``: :meth:`rows` of the window); cached per window."""
+        key = (t0, t1)
+        if key not in self.window_changed:
+            self.window_changed[key] = np.bitwise_or.reduce(rows[1:] ^ rows[:-1], axis=0)
+        return self.window_changed[key]
 
     @staticmethod
     def active_of(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:

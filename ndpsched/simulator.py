@@ -542,9 +542,9 @@ class DecodeRun:
                     self._fix_moved(flat_deltas, step, flat[sel], sign)
         if self.n_moved and from_rows:
             # a moved neuron's toggles are the steps where its activity changes over the window;
-            # the window's changed bits (a few ops on N / 8 bytes) first drop the moved neurons
-            # that do not toggle in it (about 60 % of them under hermes.adjust)
-            changed = np.bitwise_or.reduce(rows[1:] ^ rows[:-1], axis=0)
+            # the window's changed bits (N / 8 bytes, kept by the replay) first drop the moved
+            # neurons that do not toggle in it (about 60 % of them under hermes.adjust)
+            changed = replay.changed(t0, t1, rows)
             ids = self.moved_ids
             ids = ids[SequenceReplay.active_of(changed[None], ids)[0].view(bool)]
             change = np.diff(SequenceReplay.active_of(rows, ids).view(np.int8), axis=0).ravel()
