@@ -272,3 +272,68 @@ def test_hermes_adjust_replayed_states_equal_token_updates(tiny_model, tiny_hw, 
     assert uncached[0].moves["promoted"] > 0
     for run in (*replayed, *partial):
         assert np.array_equal(run.token_s, uncached[0].token_s) and run.moves == uncached[0].moves
+
+
+def _adjust_by_hand(policy, window, placement):
+    """hermes.adjust's decision written out per stage with Python sorts: (sorted (promoted,
+    evicted) pairs, sorted leftovers), or None where nothing is decided."""
+    ctx, p = policy.ctx, policy.params
+    pool = policy._candidate_pool(placement, window)          # the pool the decision will use
+    members = np.flatnonzero(pool.members())
+    on_gpu = placement.on_gpu
+    hot = np.flatnonzero(on_gpu)
+    cold = members[~on_gpu[members]]
+    state = dict(zip(cold.tolist(), pool.states(cold).tolist()))
+    state.update(zip(hot.tolist(), pool.states(hot).tolist()))
+    usable = [i for i in cold.tolist() if state[i] > p.hot_threshold]
+    if len(hot) == 0 or not usable:
+        return None
+    cap = None
+    if p.hide_copies:
+        cm = ctx.cost
+        per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw
+        cap = [int(np.floor(p.promote_scale * per_layer / 2 / cm.neuron_bytes[g % 2])) for g in range(ctx.layout.n_groups)]
+    pairs, leftover = [], []
+    for g in range(ctx.layout.n_groups):
+        cands = sorted((i for i in usable if ctx.group_of[i] == g), key=lambda i: (-state[i], i))
+        evictees = sorted((i for i in hot.tolist() if ctx.group_of[i] == g), key=lambda i: (state[i], i))
+        for rank, i in enumerate(cands):
+            if rank < len(evictees) and (cap is None or rank < cap[g]) and state[i] > state[evictees[rank]]:
+                pairs.append((i, evictees[rank]))
+            elif cap is None or rank < 3 * cap[g]:
+                leftover.append(i)
+    return sorted(pairs), sorted(leftover)
+
+
+@pytest.mark.parametrize("params", [{"hide_copies": False}, {"hide_copies": True, "promote_scale": 5.0},
+                                    {"hide_copies": False, "hot_threshold": 6, "state_dec": 0}])
+def test_hermes_adjust_decisions_match_a_by_hand_ranking(tiny_model, tiny_hw, tiny_trace, params):
+    """Every decision of hermes.adjust, over replayed episodes too, equals the rule written out
+    with Python sorts: per stage, the cold candidates above T_h by state (high first, then id)
+    paired with the GPU neurons by state (low first, then id), swapped where the candidate's state
+    is higher (and, with the PCIe cap, within the stage's first ``cap``)."""
+    from .test_simulator import _sim
+
+    checked = []
+
+    class Checked(_RandomStartAdjust):
+        def _update(self, window, placement):
+            want = _adjust_by_hand(self, window, placement)
+            moves = super()._update(window, placement)
+            if want is None:
+                assert moves is None
+            else:
+                pairs = [] if moves is None else sorted(zip(moves.promote.tolist(), moves.evict.tolist()))
+                assert pairs == want[0]
+                assert sorted(self._leftover.tolist()) == want[1]
+            checked.append(moves is not None)
+            return moves
+
+    part = Checked(registry("partition").create("hermes.adjust", params).params)
+    hw, cost = _fast_gpu(tiny_hw)
+    sim = _sim(tiny_model, hw, tiny_trace, part, registry("balancer").create("hermes.window"), 1,
+               cost_params=cost, seqs=[1])
+    start = sim.start(seqs=[1]).initial_placement.freeze()
+    for _ in range(3):                  # the second and third replay the first (memo pools)
+        sim.run(seqs=[1], initial=start)
+    assert sum(checked) > 5
