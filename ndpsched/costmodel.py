@@ -130,7 +130,10 @@ class CostModel:
         self._dimm_per_neuron_s = np.maximum(self.neuron_bytes / self.dimm_bw, self.neuron_macs / self.ndp_macs)[:, None]
         self._gpu_kernels_s = self.gpu_kernels * self.kernel_s
         self._batch_cache: dict[int, tuple[np.ndarray, float, float, float]] = {}
-        self._b1_constants: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # the same per stage 2l + kind, (2L,): for the batch-1 path (see _batch1_stage_times)
+        self._b1_gpu_per_neuron_s = np.tile(self._gpu_per_neuron_s, self.n_layers)
+        self._b1_gpu_fixed_s = np.tile(self._gpu_kernels_s + 2 * self.sync_s, self.n_layers)   # kernels + 2 syncs
+        self._b1_dimm_per_neuron_s = np.tile(self._dimm_per_neuron_s[:, 0], self.n_layers)
         self._attention_cache: dict[int, float] = {}
         #: measured GPU tables (None: roofline only); checked against the GPU preset
         self.profile = profile_for(g)
@@ -248,9 +251,9 @@ class CostModel:
         across whole rows instead of along 8-element strides."""
         by_device = np.ascontiguousarray(union.transpose(2, 0, 1), dtype=np.float64)       # (J+1, T, 2L)
         gpu, dimms = by_device[0], by_device[1:]
-        per_gpu, kernels_sync, per_dimm = self._batch1_constants(union.shape[1] // 2)
-        gpu_side = gpu * per_gpu
-        gpu_side += kernels_sync
+        per_dimm = self._b1_dimm_per_neuron_s
+        gpu_side = gpu * self._b1_gpu_per_neuron_s
+        gpu_side += self._b1_gpu_fixed_s
         gpu_side *= gpu > 0
         u_max = np.maximum.reduce(dimms)
         dimm_max = u_max * per_dimm
@@ -259,15 +262,6 @@ class CostModel:
         busy_dimms = np.add.reduce(dimms > 0).sum(axis=1)                 # (T,) busy (stage, DIMM) pairs
         busy_sum = np.add.reduce(dimms) @ per_dimm + self.ndp_issue_s * busy_dimms
         return gpu_side, dimm_max, busy_sum
-
-    def _batch1_constants(self, n_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(2L,) per-stage constants of :meth:`_batch1_stage_times` (stage 2l + kind): GPU seconds
-        per active neuron, GPU kernel launches + the two syncs, DIMM seconds per active neuron."""
-        if self._b1_constants is None or len(self._b1_constants[0]) != 2 * n_layers:
-            self._b1_constants = (np.tile(self._gpu_per_neuron_s, n_layers),
-                                  np.tile(self._gpu_kernels_s + 2 * self.sync_s, n_layers),
-                                  np.tile(self._dimm_per_neuron_s[:, 0], n_layers))
-        return self._b1_constants
 
     def fixed_times_s(self, batch: int) -> tuple[np.ndarray, float, float, float]:
         """Times that do not depend on the active neurons, for ``batch``: (merge_s per kind, their

@@ -81,17 +81,17 @@ def main() -> int:
                     help="only probe the machine: the ceiling for each worker count, with the machine's "
                          "busy/idle/steal shares during the probe (no Ray, no sweep)")
     args = ap.parse_args()
+    counts = [int(w) for w in args.workers.split(",")]
+    ceiling_rounds = 3 if args.ceiling_s < 2 else 1
     if args.ceiling_only:
-        counts = [int(w) for w in args.workers.split(",")]
         before = cpu_times()
-        ceiling = machine_ceiling(counts, args.ceiling_s, 3 if args.ceiling_s < 2 else 1)
+        ceiling = machine_ceiling(counts, args.ceiling_s, ceiling_rounds)
         shares = cpu_shares(before, cpu_times())
         print(f"{os.cpu_count()} CPUs, {args.ceiling_s:g} s per copy; "
               + ", ".join(f"{k} {100 * v:.1f} %" for k, v in shares.items()))
         for w in counts:
             print(f"{w:3d} copies: {100 * ceiling[w]:.0f} % of the speed of one copy alone (timed just before)")
         return 0
-    counts = [int(w) for w in args.workers.split(",")]
     if args.default_malloc:            # the reference: glibc's default malloc settings in the workers
         os.environ["NDPSCHED_MALLOC"] = "default"
     worker_env = {k: v for k, v in WORKER_ENV.items() if not (args.default_malloc and k.startswith("MALLOC_"))}
@@ -135,7 +135,7 @@ def main() -> int:
     rows = [max((r for r in rows if r[0] == w), key=lambda r: r[3]) for w in counts]   # best round per count
     if args.pool_baseline:
         pool_rows = pool_baseline(args, counts)
-    ceiling = {} if args.no_ceiling else machine_ceiling(counts, args.ceiling_s, 3 if args.ceiling_s < 2 else 1)
+    ceiling = {} if args.no_ceiling else machine_ceiling(counts, args.ceiling_s, ceiling_rounds)
     base = rows[0][3] / rows[0][0]
     # each round's efficiency against that round's own baseline (minutes apart, not the best of
     # all rounds): the median over rounds is less at the mercy of one lucky or unlucky round
