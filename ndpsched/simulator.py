@@ -20,6 +20,7 @@ import numpy as np
 from .costmodel import COMPONENTS, CostModel, CostParams, StepsCost
 from .errors import CapacityError, ConfigError, TraceError
 from .hardware import HardwareSpec
+from .jit import kernel
 from .models import ModelSpec
 from .policy import (BalanceMoves, BalancerPolicy, PartitionMoves, PartitionPolicy,
                      Placement, PredictorPolicy, SchedContext, WindowActivity, check_dimm_capacity,
@@ -542,15 +543,10 @@ class DecodeRun:
                     self._fix_moved(flat_deltas, step, flat[sel], sign)
         if self.n_moved and from_rows:
             # a moved neuron's toggles are the steps where its activity changes over the window;
-            # the window's changed bits (N / 8 bytes, kept by the replay) first drop the moved
-            # neurons that do not toggle in it (about 60 % of them under hermes.adjust)
-            changed = replay.changed(t0, t1, rows)
-            ids = self.moved_ids
-            ids = ids[SequenceReplay.active_of(changed[None], ids)[0].view(bool)]
-            change = np.diff(SequenceReplay.active_of(rows, ids).view(np.int8), axis=0).ravel()
-            where = np.flatnonzero(change != 0)     # (step, moved neuron) cells (bool: 4x faster)
-            step, col = np.divmod(where, len(ids))
-            self._fix_moved(flat_deltas, step, ids.take(col), change.take(where))
+            # the window's changed bits (N / 8 bytes, kept by the replay) skip the moved neurons
+            # that do not toggle in it (about 60 % of them under hermes.adjust)
+            _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_ids,
+                                     self.key_of, self.base_key, self.K)
         steps = np.cumsum(deltas, axis=0) + self.total
         self.total_buf[:n] = steps
         self.total[:] = steps[-1]
@@ -665,25 +661,22 @@ class DecodeRun:
 
     def _rekey(self, idx: np.ndarray, new_dev: np.ndarray) -> None:
         """Move neurons ``idx`` to compute device ``new_dev`` and update the incremental counts."""
-        K, key_of = self.K, self.key_of
-        old, new = key_of[idx], (self.ctx.group_of[idx] * self.n_dev + new_dev).astype(key_of.dtype)
-        if self._active_packed is not None:                     # a gather, not a whole unpack
-            w = SequenceReplay.active_of(self._active_packed[None], idx)[0].astype(np.float64)
-        else:
-            w = self._active[idx].astype(np.float64)
-        self.total += (np.bincount(new, weights=w, minlength=K) - np.bincount(old, weights=w, minlength=K)).astype(np.int64)
-        if self.sim.batch > 1:
-            u = (w > 0).astype(np.float64)
-            self.union += (np.bincount(new, weights=u, minlength=K) - np.bincount(old, weights=u, minlength=K)).astype(np.int64)
-        key_of[idx] = new
-        if self.whole_window and len(idx):
-            now_moved = new != self.base_key[idx]
-            was_moved = self.moved[idx]
-            self.moved[idx] = now_moved
+        if not len(idx):
+            return
+        packed = self._active_packed                  # a replayed window: read its bits in place
+        active = self._active if packed is None else self._active[:0]
+        track = self.whole_window
+        moved = self.moved if track else np.zeros(0, dtype=bool)
+        base_key = self.base_key if track else self.key_of[:0]
+        new_ids, back = _rekey_counts(np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64),
+                                      self.key_of, self.ctx.group_of, self.n_dev, packed is not None,
+                                      packed if packed is not None else active[:0], active,
+                                      self.total, self.union, self.sim.batch > 1, track, base_key, moved)
+        if track:
             # (np.unique / union1d hash in numpy 2.4: far slower than this for a few thousand ids)
-            if (was_moved & ~now_moved).any():                        # some moved back home
+            if back:                                                   # some moved back home
                 self.moved_ids = self.moved_ids[self.moved[self.moved_ids]]
-            self.moved_ids = np.concatenate([self.moved_ids, idx[now_moved & ~was_moved].astype(np.intp)])
+            self.moved_ids = np.concatenate([self.moved_ids, new_ids])
             self.n_moved = len(self.moved_ids)
 
     # ---- summary -------------------------------------------------------------------------------------
@@ -722,6 +715,62 @@ def _merge_summaries(summaries: list[dict[str, float]]) -> dict[str, float]:
 def _is_online(policy, base: type) -> bool:
     """True when ``policy`` overrides the base class's online ``_update`` hook."""
     return type(policy)._update is not base._update
+
+
+@kernel
+def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, key_of, base_key, K):
+    """Re-count the window's toggles of moved neurons ``moved_ids``: the (n, K) base deltas
+    (``flat_deltas``, flat) counted them under their initial keys ``base_key``, they belong to
+    ``key_of``. ``rows``: the (n + 1, N / 8) packed active sets t0 - 1 .. t1 - 1; ``changed``:
+    the packed neurons whose activity changes in the window (the others have no toggle)."""
+    n = rows.shape[0] - 1
+    for i in moved_ids:
+        byte, shift = i >> 3, 7 - (i & 7)
+        if not (changed[byte] >> shift) & 1:
+            continue
+        new, old = key_of[i], base_key[i]
+        before = (rows[0, byte] >> shift) & 1
+        for t in range(n):
+            now = (rows[t + 1, byte] >> shift) & 1
+            if now != before:
+                d = 1 if now else -1
+                flat_deltas[t * K + new] += d
+                flat_deltas[t * K + old] -= d
+                before = now
+
+
+@kernel
+def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, active, total, union, batched,
+                  track, base_key, moved):
+    """Move neurons ``idx`` to devices ``new_dev``: their active counts (from the packed bits or the
+    (N,) batch counts ``active``) leave their old (group, device) cells of ``total`` (and, with
+    ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, ``moved``
+    marks the neurons away from their initial keys ``base_key``. Returns (ids newly moved away,
+    whether any came back to their initial key)."""
+    newly = np.empty(len(idx), np.int64)
+    n_new = 0
+    back = False
+    for k in range(len(idx)):
+        i = idx[k]
+        old = key_of[i]
+        new = group_of[i] * n_dev + new_dev[k]
+        w = (packed[i >> 3] >> (7 - (i & 7))) & 1 if use_packed else active[i]
+        if w:
+            total[old] -= w
+            total[new] += w
+            if batched:
+                union[old] -= 1
+                union[new] += 1
+        key_of[i] = new
+        if track:
+            now_moved = new != base_key[i]
+            if now_moved and not moved[i]:
+                newly[n_new] = i
+                n_new += 1
+            elif moved[i] and not now_moved:
+                back = True
+            moved[i] = now_moved
+    return newly[:n_new].copy(), back
 
 
 def _check_ids(idx: np.ndarray, n: int, who: str, stamp: np.ndarray) -> None:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ndpsched.policy import PartitionMoves, PartitionPolicy, Placement, SchedContext, WindowActivity
+from ndpsched.jit import kernel
 from ndpsched.registry import register_policy
 
 
@@ -321,52 +322,101 @@ class HermesAdjust(HermesIlp):
             return None                      # nothing decided: the pool carries over
         pool.consumed = True
         n_stage = ctx.layout.n_groups
-        # candidates by stage, highest state first; evictees by stage, lowest state first, ties by
-        # neuron id on both sides
-        key_dtype = _cell_dtype(n_stage)
-        stage16 = np.arange(n_stage, dtype=key_dtype) * 16
-        # cells (stage, 15 - state) that can promote: states above T_h and, with hidden copies,
-        # only the first 3 x cap candidates of a stage (it promotes at most cap and keeps 2 x cap
-        # leftovers), so whole cells past them are dropped before the ranking
-        usable = np.broadcast_to(np.arange(16) < 15 - p.hot_threshold, (n_stage, 16))
+        # candidates with states above T_h by stage, highest state first, ties by neuron id; with
+        # hidden copies a stage promotes at most ``cap`` and keeps 2 x cap leftovers, so only its
+        # first 3 x cap candidates are ranked
         cap = None
         if p.hide_copies:
             cm = ctx.cost
             per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw              # bytes hidden per layer
             cap = np.floor(p.promote_scale * per_layer / 2 / cm.neuron_bytes[np.arange(n_stage) % 2]).astype(np.int64)
-            cell_count = cells * usable
-            usable = usable & (np.cumsum(cell_count, axis=1) - cell_count < 3 * cap[:, None])
-        cand, c_key = pool.ranked(usable, None if cap is None else 3 * cap)
-        c_stage, cand_state = np.divmod(c_key, 16)
-        cand_state = 15 - cand_state
-        hot_state = pool.states(hot)
-        e_count = _stage_counts(hot, ctx.layout.group_starts())
-        e_order = np.argsort(np.repeat(stage16, e_count) + hot_state.astype(key_dtype), kind="stable")
-        hot_state = hot_state.take(e_order)
-        c_count = np.bincount(c_stage, minlength=n_stage)
-        c_rank = np.arange(len(cand)) - (np.cumsum(c_count) - c_count).take(c_stage)
-        e_first = np.cumsum(e_count) - e_count
-        pair = c_rank < e_count.take(c_stage)
-        e_idx = np.where(pair, e_first.take(c_stage) + c_rank, 0)
-        swap = pair & (cand_state > hot_state.take(e_idx))
-        if cap is not None:
-            c_cap = cap.take(c_stage)
-            swap &= c_rank < c_cap
-            # candidates still hot are re-examined next window even without a new toggle; a
-            # stage can take at most ``cap`` per window, so its best 2 x cap leftovers suffice
-            self._leftover = cand[~swap & (c_rank < 3 * c_cap)]
-        else:
-            self._leftover = cand[~swap]
-        if not swap.any():
+        cand, c_key = pool.ranked(15 - p.hot_threshold, None if cap is None else 3 * cap)
+        # each stage's candidates meet its GPU neurons by lowest state first (ties by id): a
+        # candidate with a higher state than its partner swaps with it (one compiled pass)
+        promote, evict, self._leftover, self._hot = _pair_swaps(
+            np.asarray(cand, dtype=np.int64), np.asarray(c_key, dtype=np.int64), hot, pool.states(hot), ctx.layout.group_starts(),
+            cap if cap is not None else np.zeros(n_stage, dtype=np.int64), cap is not None)
+        if len(promote) == 0:
             return None
-        self.promotions += int(swap.sum())
-        promote, evicted_at = cand[swap], e_order.take(e_idx[swap])     # positions in ``hot``
-        # the hot set these moves leave, by id (checked against the placement next time)
-        keep = np.ones(len(hot), dtype=bool)
-        keep[evicted_at] = False
-        kept, added = hot[keep], np.sort(promote)
-        self._hot = np.insert(kept, np.searchsorted(kept, added), added)
-        return PartitionMoves(promote, hot.take(evicted_at))
+        self.promotions += len(promote)
+        return PartitionMoves(promote, evict)
+
+
+@kernel
+def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
+    """Hermes' swap rule, one stage after another: ``cand`` (int64 ids) ranked by their cells
+    ``c_key`` (stage * 16 + 15 - state, then id), ``hot`` the GPU neurons by id with their states.
+    The r-th candidate of a stage swaps with the stage's r-th lowest-state GPU neuron (ties by
+    id) if its state is higher (and, with ``has_cap``, r < ``cap[stage]``); the others ranked
+    below 3 x cap (all without a cap) are left over for the next window.
+
+    Returns (promoted ids, evicted ids (pairwise), leftover ids, the GPU set after the swaps by id)."""
+    n_stage, n_hot, nc = len(group_starts) - 1, len(hot), len(cand)
+    # each stage's GPU neurons (a run of ``hot``), ordered by (state, id) with a counting sort
+    e_first = np.empty(n_stage + 1, np.int64)
+    h = 0
+    for s in range(n_stage + 1):
+        while h < n_hot and hot[h] < group_starts[s]:
+            h += 1
+        e_first[s] = h
+    e_order = np.empty(n_hot, np.int64)
+    count = np.empty(17, np.int64)
+    for s in range(n_stage):
+        count[:] = 0
+        for i in range(e_first[s], e_first[s + 1]):
+            count[hot_state[i] + 1] += 1
+        for v in range(16):
+            count[v + 1] += count[v]
+        for i in range(e_first[s], e_first[s + 1]):
+            v = hot_state[i]
+            e_order[e_first[s] + count[v]] = i
+            count[v] += 1
+    promote = np.empty(nc, np.int64)
+    evicted_at = np.empty(nc, np.int64)
+    leftover = np.empty(nc, np.int64)
+    n_swap = n_left = 0
+    i = 0
+    while i < nc:
+        s = c_key[i] // 16
+        n_paired = e_first[s + 1] - e_first[s]
+        if has_cap:
+            n_paired = min(n_paired, cap[s])
+        r = 0
+        while i < nc and c_key[i] // 16 == s:
+            swapped = False
+            if r < n_paired:
+                e = e_order[e_first[s] + r]
+                if 15 - c_key[i] % 16 > hot_state[e]:
+                    promote[n_swap] = cand[i]
+                    evicted_at[n_swap] = e
+                    n_swap += 1
+                    swapped = True
+            if not swapped and (not has_cap or r < 3 * cap[s]):
+                leftover[n_left] = cand[i]
+                n_left += 1
+            r += 1
+            i += 1
+    # the GPU set after the swaps: the kept ids merged with the sorted promoted ones
+    gone = np.zeros(n_hot, np.bool_)
+    for k in range(n_swap):
+        gone[evicted_at[k]] = True
+    added = np.sort(promote[:n_swap])
+    new_hot = np.empty(n_hot, np.int64)
+    a = n = 0
+    for h in range(n_hot):
+        if gone[h]:
+            continue
+        while a < n_swap and added[a] < hot[h]:
+            new_hot[n] = added[a]
+            a += 1
+            n += 1
+        new_hot[n] = hot[h]
+        n += 1
+    while a < n_swap:
+        new_hot[n] = added[a]
+        a += 1
+        n += 1
+    return promote[:n_swap].copy(), hot[evicted_at[:n_swap]], leftover[:n_left].copy(), new_hot
 
 
 class _WindowSet(NamedTuple):
@@ -423,9 +473,15 @@ class _MaskPool:
         """(N,) bool: the pool, to carry into the next one (hot members included)."""
         return self.mask
 
-    def ranked(self, usable: np.ndarray, limit: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates in ``usable`` (G, 16) cells by (cell, id), with their cells. ``limit``: (G,)
-        how many of each stage's first are needed (here: all of them are returned)."""
+    def ranked(self, n_cols: int, limit: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates in the first ``n_cols`` cells of each stage (states above 15 - n_cols) by
+        (cell, id), with their cells. ``limit``: (G,) how many of each stage's first are needed
+        (whole cells past them are dropped before the sort; the rest are returned)."""
+        n_stage = self.cells.shape[0]
+        usable = np.broadcast_to(np.arange(16) < n_cols, (n_stage, 16))
+        if limit is not None:
+            cell_count = self.cells * usable
+            usable = usable & (np.cumsum(cell_count, axis=1) - cell_count < limit[:, None])
         sel = np.flatnonzero(usable.ravel().take(self.key))
         order = sel.take(np.argsort(self.key.take(sel), kind="stable"))
         return self.ids.take(order), self.key.take(order)
@@ -440,15 +496,9 @@ class _MemoPool:
                  on_gpu: np.ndarray, hot: np.ndarray, group_of: np.ndarray, n_stage: int) -> None:
         self.t1, self.window_set, self.on_gpu, self.consumed = t1, window_set, on_gpu, False
         self.states = dense.take
-        n_cells = n_stage * 16
-        hot_in = hot[_member(window_set.bits, hot)]             # in the set but not candidates
-        self.hot_cells = np.bincount(_cells(group_of, dense, hot_in), minlength=n_cells)
-        if len(leftover):
-            leftover = leftover[~(on_gpu.take(leftover) | _member(window_set.bits, leftover))]
-        self.leftover = leftover
-        self.leftover_cell = _cells(group_of, dense, leftover)
-        self.cells = (np.diff(window_set.starts) - self.hot_cells
-                      + np.bincount(self.leftover_cell, minlength=n_cells)).reshape(n_stage, 16)
+        self.leftover, self.leftover_cell, cells = _memo_pool_cells(
+            window_set.bits, window_set.starts, hot, group_of, dense, leftover.astype(np.int64), on_gpu)
+        self.cells = cells.reshape(n_stage, 16)
 
     def members(self) -> np.ndarray:
         mask = np.zeros(len(self.on_gpu), dtype=bool)
@@ -456,26 +506,85 @@ class _MemoPool:
         mask[self.leftover] = True
         return mask
 
-    def ranked(self, usable: np.ndarray, limit: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`_MaskPool.ranked`, but with ``limit`` only each stage's first ``limit`` are
-        sure to be there: a stage's usable cells are a prefix of its run in the window set, and
-        its first ``limit`` + (GPU neurons among them) entries hold its first ``limit`` cold ones."""
-        ws, n_stage = self.window_set, usable.shape[0]
-        first = np.arange(n_stage) * 16
-        begin = ws.starts.take(first)
-        take = ws.starts.take(first + usable.sum(axis=1)) - begin
-        if limit is not None:
-            hot_in = (self.hot_cells.reshape(n_stage, 16) * usable).sum(axis=1)
-            take = np.minimum(take, limit + hot_in)
-        pos = np.repeat(begin - (np.cumsum(take) - take), take) + np.arange(take.sum())
-        ids = ws.ids.take(pos)
-        cold = np.flatnonzero(~self.on_gpu.take(ids))
-        ids, cell = ids.take(cold), ws.cells.take(pos.take(cold))
-        extra = usable.ravel().take(self.leftover_cell)
-        if extra.any():
-            # merge the leftovers (none of them in the window set) in (cell, id) order
-            # (one sort of the concatenation: about 2x faster here than sorting them and inserting)
-            both = np.sort(np.concatenate([(cell.astype(np.int64) << 32) | ids,
-                                           (self.leftover_cell[extra].astype(np.int64) << 32) | self.leftover[extra]]))
-            ids, cell = both & 0xFFFFFFFF, both >> 32
-        return ids.astype(np.intp), cell
+    def ranked(self, n_cols: int, limit: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`_MaskPool.ranked`, but with ``limit`` exactly each stage's first ``limit``
+        are returned: its window-set run (cold ones only) merged with its leftovers."""
+        n_stage = self.cells.shape[0]
+        ws = self.window_set
+        return _memo_ranked(ws.ids, ws.cells, ws.starts, self.on_gpu, self.leftover, self.leftover_cell, n_stage,
+                            n_cols, limit if limit is not None else np.zeros(n_stage, dtype=np.int64), limit is not None)
+
+
+@kernel
+def _memo_pool_cells(bits, starts, hot, group_of, dense, leftover, on_gpu):
+    """A replayed window's pool: (leftovers still candidates, their cells, (G * 16,) candidates per
+    cell). Candidates are the window set (packed ``bits``, ``starts`` of its cell runs) less the
+    GPU neurons ``hot``, plus the leftovers that are cold and not in the set."""
+    n_cells = len(starts) - 1
+    cells = np.empty(n_cells, np.int64)
+    for c in range(n_cells):
+        cells[c] = starts[c + 1] - starts[c]
+    for h in hot:
+        if (bits[h >> 3] >> (7 - (h & 7))) & 1:
+            cells[group_of[h] * 16 + 15 - dense[h]] -= 1
+    kept = np.empty(len(leftover), np.int64)
+    kept_cell = np.empty(len(leftover), np.int64)
+    n = 0
+    for i in leftover:
+        if not on_gpu[i] and not (bits[i >> 3] >> (7 - (i & 7))) & 1:
+            kept[n] = i
+            kept_cell[n] = group_of[i] * 16 + 15 - dense[i]
+            cells[kept_cell[n]] += 1
+            n += 1
+    return kept[:n].copy(), kept_cell[:n].copy(), cells
+
+
+@kernel
+def _memo_ranked(ws_ids, ws_cells, starts, on_gpu, leftover, leftover_cell, n_stage, n_cols, limit, has_limit):
+    """Per stage, its candidates in cells s * 16 + (0 .. n_cols - 1) by (cell, id): the cold ids
+    of the window set's runs merged with the leftovers (with ``has_limit``, the first
+    ``limit[s]`` of them). Returns (ids, cells)."""
+    # leftovers by (cell, id): a counting sort by cell, then an insertion sort of each cell's few
+    # ids (a general sort of a few thousand keys costs more than the rest of the ranking)
+    n_left, n_cells = len(leftover), len(starts) - 1
+    at = np.zeros(n_cells + 1, np.int64)
+    for c in leftover_cell:
+        at[c + 1] += 1
+    for c in range(n_cells):
+        at[c + 1] += at[c]
+    begin = at.copy()
+    l_ids = np.empty(n_left, np.int64)
+    l_cell = np.empty(n_left, np.int64)
+    for i in range(n_left):
+        c = leftover_cell[i]
+        k = at[c]
+        at[c] += 1
+        while k > begin[c] and l_ids[k - 1] > leftover[i]:
+            l_ids[k], l_cell[k] = l_ids[k - 1], c
+            k -= 1
+        l_ids[k], l_cell[k] = leftover[i], c
+    size = n_left + (limit.sum() if has_limit else starts[-1])
+    out_ids = np.empty(size, np.int64)
+    out_cell = np.empty(size, np.int64)
+    n = q = 0
+    for s in range(n_stage):
+        first, end = s * 16, s * 16 + n_cols
+        p, p_end = starts[first], starts[end]
+        while q < n_left and l_cell[q] < first:
+            q += 1
+        budget = limit[s] if has_limit else starts[-1] + n_left
+        while budget > 0:
+            while p < p_end and on_gpu[ws_ids[p]]:
+                p += 1
+            have_p, have_q = p < p_end, q < n_left and l_cell[q] < end
+            if not have_p and not have_q:
+                break
+            if have_p and (not have_q or ws_cells[p] < l_cell[q] or (ws_cells[p] == l_cell[q] and ws_ids[p] < l_ids[q])):
+                out_ids[n], out_cell[n] = ws_ids[p], ws_cells[p]
+                p += 1
+            else:
+                out_ids[n], out_cell[n] = l_ids[q], l_cell[q]
+                q += 1
+            n += 1
+            budget -= 1
+    return out_ids[:n].copy(), out_cell[:n].copy()

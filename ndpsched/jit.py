@@ -1,0 +1,35 @@
+"""Compiled inner loops (numba), for the few per-window steps that numpy cannot vectorise well.
+
+Most of the execution model is whole-array numpy. A few steps between windows are sparse and
+sequential: Hermes' online promotion pairs each stage's best candidates with its lowest-state
+GPU neurons, and a window's moved neurons re-count their toggles. In numpy each of them is a
+chain of sorts, gathers and bincounts over 10-100 thousand ids, about 20 array passes of 10-150 us
+each; a compiled loop does one pass. Measured on relullama-7b with 8 DIMMs, they were most of an
+env step (see docs/envs.md).
+
+:func:`kernel` compiles a plain Python function with ``numba.njit`` on its first call (numba is
+imported then, not when ndpsched is), caching the machine code next to the source (``cache``)
+so that later processes (Ray workers, test runs) load it instead of compiling. The Python
+function stays reachable as ``.py_func`` (tests run it as the readable reference).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+
+def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` compiled with ``numba.njit(cache=True)`` on first use."""
+    compiled: Callable[..., Any] | None = None
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        nonlocal compiled
+        if compiled is None:
+            import numba
+
+            compiled = numba.njit(cache=True, nogil=True)(fn)
+        return compiled(*args)
+
+    call.py_func = fn          # type: ignore[attr-defined]
+    return call
