@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ndpsched.jit import kernel
 from ndpsched.policy import BalanceMoves, BalancerPolicy, Placement, SchedContext, WindowActivity
 from ndpsched.trace import NeuronLayout
 from ndpsched.registry import register_policy
@@ -182,37 +183,93 @@ class HermesWindow(WindowRebalancer):
                 raise ValueError(f"candidate_stride must be >= 1, got {self.candidate_stride}")
 
     def _rebalance(self, window, groups, ids, home, A) -> BalanceMoves | None:
-        J = self.ctx.n_dimms
-        # per (stage, DIMM) cell, on the (G, J) loads: the DIMM's rank (0 = busiest), its partner
-        # (rank J-1-r) and half the pair's load gap (moving more would make the busy side the
-        # idler one)
-        load = window.device_load[groups, 1:]                       # (G, J) Z_j per stage
-        dimm_at_rank = np.argsort(-load, axis=1, kind="stable")      # rank -> DIMM
-        rank_of_dimm = np.argsort(dimm_at_rank, axis=1, kind="stable")
-        row = (np.arange(len(groups)) * J)[:, None]                  # flat (stage, .) offsets
-        partner = dimm_at_rank.take(row + (J - 1) - rank_of_dimm)
-        busy_cell = (rank_of_dimm < J // 2).ravel()                 # pairs (r, J-1-r), r < J/2
-        half_gap = (self.params.move_fraction / 2.0) * (load.ravel() - load.take(row + partner).ravel())
-        # candidates on a busy DIMM, by cell, most activated first (one radix-sortable key)
-        cell = np.searchsorted(groups, self.ctx.group_of[ids]) * J + home
-        keep = np.flatnonzero(busy_cell.take(cell))
-        ids, cell, A = ids.take(keep), cell.take(keep), A.take(keep)
-        a_max = int(A.max(initial=0))
-        key = cell * (a_max + 1) + (a_max - A)
-        order = np.argsort(key.astype(np.uint16) if len(groups) * J * (a_max + 1) < 2**16 else key, kind="stable")
-        cell_s, A_s = cell.take(order), A.take(order).astype(np.float64)
-        csum = np.cumsum(A_s)
-        first = np.searchsorted(cell_s, cell_s)                      # start of each cell's segment
-        moved_before = csum - A_s - (csum[first] - A_s[first])
-        # A is sorted decreasing, so this holds for a prefix of each cell: Algorithm 1 stops at
-        # the first neuron that would make the busy DIMM the less loaded of the pair
-        take = (moved_before + A_s) <= half_gap.take(cell_s)
-        if self.params.max_moves_per_stage:
-            take &= (np.arange(len(order)) - first) < self.params.max_moves_per_stage
-        sel = order[take]
-        if len(sel) == 0:
-            return None
-        return BalanceMoves(ids.take(sel), partner.ravel().take(cell.take(sel)).astype(np.int64))
+        p, ctx = self.params, self.ctx
+        load = np.ascontiguousarray(window.device_load[groups, 1:], dtype=np.float64)    # (G, J) Z_j per stage
+        neurons, dest = _algorithm1(load, groups.astype(np.int64), ctx.group_of, ctx.layout.n_groups,
+                                    np.asarray(ids, dtype=np.int64), np.asarray(home, dtype=np.int64),
+                                    np.asarray(A, dtype=np.int64), float(p.move_fraction), int(p.max_moves_per_stage))
+        return BalanceMoves(neurons, dest) if len(neurons) else None
+
+
+@kernel
+def _algorithm1(load, groups, group_of, n_groups, ids, home, A, move_fraction, max_moves):
+    """Hermes Algorithm 1 on the stages ``groups`` with (G, J) DIMM loads ``load``: in each stage
+    the DIMM of load rank r (0 = busiest, ties by DIMM index) is paired with rank J-1-r, and for
+    r < J/2 its candidates (``ids`` on DIMM ``home`` with activation counts ``A``), most activated
+    first (ties: in the given order), move to the partner while what has moved stays within
+    ``move_fraction`` / 2 of the pair's load gap (at most ``max_moves`` per DIMM if > 0).
+    Returns (neurons, destination DIMMs), by stage, DIMM, then count."""
+    G, J = load.shape
+    # per (stage, DIMM) cell: busy (rank < J/2), its partner, and the load it may shed
+    partner = np.empty(G * J, np.int64)
+    busy = np.zeros(G * J, np.bool_)
+    allowance = np.empty(G * J, np.float64)
+    at_rank = np.empty(J, np.int64)
+    rank = np.empty(J, np.int64)
+    for g in range(G):
+        for d in range(J):
+            r = 0
+            for e in range(J):
+                if load[g, e] > load[g, d] or (load[g, e] == load[g, d] and e < d):
+                    r += 1
+            rank[d] = r
+            at_rank[r] = d
+        for d in range(J):
+            c = g * J + d
+            partner[c] = at_rank[J - 1 - rank[d]]
+            busy[c] = rank[d] < J // 2
+            allowance[c] = move_fraction / 2.0 * (load[g, d] - load[g, partner[c]])
+    position = np.full(n_groups, -1, np.int64)
+    for k in range(G):
+        position[groups[k]] = k
+    # candidates on busy DIMMs, ordered by (cell, count descending, given order): two stable
+    # counting sorts (by count, then by cell)
+    n = len(ids)
+    cell = np.empty(n, np.int64)
+    keep = np.empty(n, np.int64)
+    m = 0
+    a_max = 0
+    for k in range(n):
+        c = position[group_of[ids[k]]] * J + home[k]
+        if busy[c]:
+            cell[m], keep[m] = c, k
+            a_max = max(a_max, A[k])
+            m += 1
+    at = np.zeros(a_max + 2, np.int64)
+    for j in range(m):
+        at[a_max - A[keep[j]] + 1] += 1
+    for v in range(a_max + 1):
+        at[v + 1] += at[v]
+    by_count = np.empty(m, np.int64)
+    for j in range(m):
+        v = a_max - A[keep[j]]
+        by_count[at[v]] = j
+        at[v] += 1
+    at = np.zeros(G * J + 1, np.int64)
+    for j in range(m):
+        at[cell[j] + 1] += 1
+    for c in range(G * J):
+        at[c + 1] += at[c]
+    begin = at.copy()
+    order = np.empty(m, np.int64)
+    for j in by_count:
+        order[at[cell[j]]] = j
+        at[cell[j]] += 1
+    # each busy cell moves a prefix of its candidates (counts decrease, so the first one past
+    # the allowance ends it)
+    neurons = np.empty(m, np.int64)
+    dest = np.empty(m, np.int64)
+    n_out = 0
+    for c in range(G * J):
+        moved = 0.0
+        for j in range(begin[c], begin[c + 1]):
+            k = keep[order[j]]
+            moved += A[k]
+            if moved > allowance[c] or (max_moves > 0 and j - begin[c] >= max_moves):
+                break
+            neurons[n_out], dest[n_out] = ids[k], partner[c]
+            n_out += 1
+    return neurons[:n_out].copy(), dest[:n_out].copy()
 
 
 @register_policy("balancer", "greedy.lpt")
