@@ -352,6 +352,8 @@ class DecodeRun:
             # per-token count deltas under the initial keys (cached per sequence and placement);
             # each window then only corrects the toggles of neurons moved since the start
             self.base_key = derived[1]
+            # the neurons moved away from their start key at some point of the run (one that came
+            # back stays listed: its recount adds and takes the same toggles from one cell)
             self.moved = np.zeros(sim.layout.n_neurons, dtype=bool)
             self.moved_ids = np.zeros(0, dtype=np.intp)            # the ids where moved is True
             self.n_moved = 0
@@ -668,14 +670,11 @@ class DecodeRun:
         track = self.whole_window
         moved = self.moved if track else np.zeros(0, dtype=bool)
         base_key = self.base_key if track else self.key_of[:0]
-        new_ids, back = _rekey_counts(np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64),
-                                      self.key_of, self.ctx.group_of, self.n_dev, packed is not None,
-                                      packed if packed is not None else active[:0], active,
-                                      self.total, self.union, self.sim.batch > 1, track, base_key, moved)
-        if track:
-            # (np.unique / union1d hash in numpy 2.4: far slower than this for a few thousand ids)
-            if back:                                                   # some moved back home
-                self.moved_ids = self.moved_ids[self.moved[self.moved_ids]]
+        new_ids = _rekey_counts(np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64),
+                                self.key_of, self.ctx.group_of, self.n_dev, packed is not None,
+                                packed if packed is not None else active[:0], active,
+                                self.total, self.union, self.sim.batch > 1, track, base_key, moved)
+        if track and len(new_ids):
             self.moved_ids = np.concatenate([self.moved_ids, new_ids])
             self.n_moved = len(self.moved_ids)
 
@@ -745,11 +744,10 @@ def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, act
     """Move neurons ``idx`` to devices ``new_dev``: their active counts (from the packed bits or the
     (N,) batch counts ``active``) leave their old (group, device) cells of ``total`` (and, with
     ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, ``moved``
-    marks the neurons away from their initial keys ``base_key``. Returns (ids newly moved away,
-    whether any came back to their initial key)."""
+    marks the neurons that left their initial keys ``base_key`` (and stays set if they come
+    back). Returns the ids newly marked."""
     newly = np.empty(len(idx), np.int64)
     n_new = 0
-    back = False
     for k in range(len(idx)):
         i = idx[k]
         old = key_of[i]
@@ -762,15 +760,11 @@ def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, act
                 union[old] -= 1
                 union[new] += 1
         key_of[i] = new
-        if track:
-            now_moved = new != base_key[i]
-            if now_moved and not moved[i]:
-                newly[n_new] = i
-                n_new += 1
-            elif moved[i] and not now_moved:
-                back = True
-            moved[i] = now_moved
-    return newly[:n_new].copy(), back
+        if track and not moved[i] and new != base_key[i]:
+            moved[i] = True
+            newly[n_new] = i
+            n_new += 1
+    return newly[:n_new].copy()
 
 
 def _check_ids(idx: np.ndarray, n: int, who: str, stamp: np.ndarray) -> None:

@@ -352,41 +352,56 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
 
     Returns (promoted ids, evicted ids (pairwise), leftover ids, the GPU set after the swaps by id)."""
     n_stage, n_hot, nc = len(group_starts) - 1, len(hot), len(cand)
-    # each stage's GPU neurons (a run of ``hot``), ordered by (state, id) with a counting sort
+    # each stage's GPU neurons are a run of ``hot``; of those, the ones that can be paired (as many
+    # as the stage has candidates, at most ``cap``) by (state, id): a counting sort that places
+    # only the states below the needed one and the first ids of that state
     e_first = np.empty(n_stage + 1, np.int64)
     h = 0
     for s in range(n_stage + 1):
         while h < n_hot and hot[h] < group_starts[s]:
             h += 1
         e_first[s] = h
+    n_cand = np.zeros(n_stage, np.int64)
+    for i in range(nc):
+        n_cand[c_key[i] >> 4] += 1
     e_order = np.empty(n_hot, np.int64)
     count = np.empty(17, np.int64)
     for s in range(n_stage):
+        a, b = e_first[s], e_first[s + 1]
+        need = min(b - a, n_cand[s])
+        if has_cap:
+            need = min(need, cap[s])
+        if need <= 0:
+            continue
         count[:] = 0
-        for i in range(e_first[s], e_first[s + 1]):
+        for i in range(a, b):
             count[hot_state[i] + 1] += 1
         for v in range(16):
             count[v + 1] += count[v]
-        for i in range(e_first[s], e_first[s + 1]):
+        last = 0                                   # the highest state needed
+        while count[last + 1] < need:
+            last += 1
+        for i in range(a, b):
             v = hot_state[i]
-            e_order[e_first[s] + count[v]] = i
-            count[v] += 1
+            if v <= last and count[v] < need:
+                e_order[a + count[v]] = i
+                count[v] += 1
     promote = np.empty(nc, np.int64)
     evicted_at = np.empty(nc, np.int64)
     leftover = np.empty(nc, np.int64)
     n_swap = n_left = 0
     i = 0
     while i < nc:
-        s = c_key[i] // 16
+        s = c_key[i] >> 4
         n_paired = e_first[s + 1] - e_first[s]
         if has_cap:
             n_paired = min(n_paired, cap[s])
         r = 0
-        while i < nc and c_key[i] // 16 == s:
+        while i < nc and c_key[i] >> 4 == s:
             swapped = False
             if r < n_paired:
                 e = e_order[e_first[s] + r]
-                if 15 - c_key[i] % 16 > hot_state[e]:
+                if 15 - (c_key[i] & 15) > hot_state[e]:
                     promote[n_swap] = cand[i]
                     evicted_at[n_swap] = e
                     n_swap += 1
