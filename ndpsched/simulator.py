@@ -355,7 +355,7 @@ class DecodeRun:
             # the neurons moved away from their start key at some point of the run (one that came
             # back stays listed: its recount adds and takes the same toggles from one cell)
             self.moved = np.zeros(sim.layout.n_neurons, dtype=bool)
-            self.moved_ids = np.zeros(0, dtype=np.intp)            # the ids where moved is True
+            self.moved_bits = np.zeros((sim.layout.n_neurons + 7) // 8, dtype=np.uint8)   # packed, as np.packbits
             self.n_moved = 0
             self.base_deltas = sim.base_deltas(self.seqs[0], self.base_key, self._placement_tag)
         # replayed sequences read their active sets instead of scattering every toggle
@@ -547,7 +547,7 @@ class DecodeRun:
             # a moved neuron's toggles are the steps where its activity changes over the window;
             # the window's changed bits (N / 8 bytes, kept by the replay) skip the moved neurons
             # that do not toggle in it (about 60 % of them under hermes.adjust)
-            _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_ids,
+            _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_bits,
                                      self.key_of, self.base_key, self.K)
         steps = np.cumsum(deltas, axis=0) + self.total
         self.total_buf[:n] = steps
@@ -669,14 +669,14 @@ class DecodeRun:
         active = self._active if packed is None else self._active[:0]
         track = self.whole_window
         moved = self.moved if track else np.zeros(0, dtype=bool)
+        moved_bits = self.moved_bits if track else np.zeros(0, dtype=np.uint8)
         base_key = self.base_key if track else self.key_of[:0]
-        new_ids = _rekey_counts(np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64),
-                                self.key_of, self.ctx.group_of, self.n_dev, packed is not None,
-                                packed if packed is not None else active[:0], active,
-                                self.total, self.union, self.sim.batch > 1, track, base_key, moved)
-        if track and len(new_ids):
-            self.moved_ids = np.concatenate([self.moved_ids, new_ids])
-            self.n_moved = len(self.moved_ids)
+        n_new = _rekey_counts(np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64),
+                                      self.key_of, self.ctx.group_of, self.n_dev, packed is not None,
+                                      packed if packed is not None else active[:0], active,
+                                      self.total, self.union, self.sim.batch > 1, track, base_key, moved, moved_bits)
+        if track:
+            self.n_moved += n_new
 
     # ---- summary -------------------------------------------------------------------------------------
     def result(self) -> SimResult:
@@ -717,36 +717,42 @@ def _is_online(policy, base: type) -> bool:
 
 
 @kernel
-def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, key_of, base_key, K):
-    """Re-count the window's toggles of moved neurons ``moved_ids``: the (n, K) base deltas
-    (``flat_deltas``, flat) counted them under their initial keys ``base_key``, they belong to
-    ``key_of``. ``rows``: the (n + 1, N / 8) packed active sets t0 - 1 .. t1 - 1; ``changed``:
-    the packed neurons whose activity changes in the window (the others have no toggle)."""
+def _recount_moved_from_rows(flat_deltas, rows, changed, moved_bits, key_of, base_key, K):
+    """Re-count the window's toggles of moved neurons (packed ``moved_bits``): the (n, K) base
+    deltas (``flat_deltas``, flat) counted them under their initial keys ``base_key``, they belong
+    to ``key_of``. ``rows``: the (n + 1, N / 8) packed active sets t0 - 1 .. t1 - 1; ``changed``:
+    the packed neurons whose activity changes in the window. One pass over the packed bytes
+    (N / 8, in address order) finds the moved neurons that toggle."""
     n = rows.shape[0] - 1
-    for i in moved_ids:
-        byte, shift = i >> 3, 7 - (i & 7)
-        if not (changed[byte] >> shift) & 1:
-            continue
-        new, old = key_of[i], base_key[i]
-        before = (rows[0, byte] >> shift) & 1
-        for t in range(n):
-            now = (rows[t + 1, byte] >> shift) & 1
-            if now != before:
-                d = 1 if now else -1
-                flat_deltas[t * K + new] += d
-                flat_deltas[t * K + old] -= d
-                before = now
+    for byte in range(len(changed)):
+        both = np.int64(changed[byte] & moved_bits[byte])
+        shift = np.int64(0)
+        while both:
+            while not (both >> shift) & 1:
+                shift += 1
+            both ^= np.int64(1) << shift
+            i = byte * 8 + 7 - shift
+            new, old = key_of[i], base_key[i]
+            if new == old:                       # moved back: its toggles are where they were counted
+                continue
+            before = (rows[0, byte] >> shift) & 1
+            for t in range(n):
+                now = (rows[t + 1, byte] >> shift) & 1
+                if now != before:
+                    d = 1 if now else -1
+                    flat_deltas[t * K + new] += d
+                    flat_deltas[t * K + old] -= d
+                    before = now
 
 
 @kernel
 def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, active, total, union, batched,
-                  track, base_key, moved):
+                  track, base_key, moved, moved_bits):
     """Move neurons ``idx`` to devices ``new_dev``: their active counts (from the packed bits or the
     (N,) batch counts ``active``) leave their old (group, device) cells of ``total`` (and, with
     ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, ``moved``
-    marks the neurons that left their initial keys ``base_key`` (and stays set if they come
-    back). Returns the ids newly marked."""
-    newly = np.empty(len(idx), np.int64)
+    (and its packed copy ``moved_bits``) marks the neurons that left their initial keys
+    ``base_key`` (and stays set if they come back). Returns how many were newly marked."""
     n_new = 0
     for k in range(len(idx)):
         i = idx[k]
@@ -762,9 +768,9 @@ def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, act
         key_of[i] = new
         if track and not moved[i] and new != base_key[i]:
             moved[i] = True
-            newly[n_new] = i
+            moved_bits[i >> 3] |= 1 << (7 - (i & 7))
             n_new += 1
-    return newly[:n_new].copy()
+    return n_new
 
 
 def _check_ids(idx: np.ndarray, n: int, who: str, stamp: np.ndarray) -> None:

@@ -184,10 +184,16 @@ class HermesAdjust(HermesIlp):
         from .fsm import SaturatingStates, initial_states
 
         ctx = self.ctx
-        if getattr(self, "_initial_for", None) is not ctx.prefill_freqs:    # episodes share it
-            self._initial_for, self._initial_states = ctx.prefill_freqs, initial_states(ctx.prefill_freqs)
-        self.states = SaturatingStates(self._initial_states, active > 0, token,
-                                       self.params.state_inc, self.params.state_dec)
+        # the states a batch starts from, kept per prefill profile: episodes on a pool of
+        # sequences start from a few profiles over and over (the simulator keeps each profile as
+        # one array per batch, so its identity names it; the entry holds the array to keep it so)
+        cache = self.__dict__.setdefault("_initial_states", {})
+        entry = cache.get(id(ctx.prefill_freqs))
+        if entry is None or entry[0] is not ctx.prefill_freqs:
+            if len(cache) >= 16:
+                cache.pop(next(iter(cache)))
+            entry = cache[id(ctx.prefill_freqs)] = (ctx.prefill_freqs, initial_states(ctx.prefill_freqs))
+        self.states = SaturatingStates(entry[1], active > 0, token, self.params.state_inc, self.params.state_dec)
         # tokens observed since the state words were brought up to date (see _state_lookup)
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         # (token, (N,) states, window) when a replay memo answered and the words were left behind
