@@ -206,6 +206,7 @@ class HermesAdjust(HermesIlp):
         self._leftover = np.zeros(0, dtype=np.intp)
         self._pool: _MaskPool | _MemoPool | None = None   # the last pool built (see _candidate_pool)
         self._hot: np.ndarray | None = None          # see _hot_ids
+        self._hot_checked_at: int | None = None      # the window end _hot was last checked at
         self.promotions = 0
 
     def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
@@ -273,7 +274,7 @@ class HermesAdjust(HermesIlp):
             window_set = self._window_set(window, turned_on, dense)
             if window_set is not None:
                 self._pool = _MemoPool(window.t1, window_set, dense, leftover, placement.on_gpu,
-                                       self._hot_ids(placement.on_gpu), self.ctx.group_of, layout.n_groups)
+                                       self._hot_ids(placement.on_gpu, window.t1), self.ctx.group_of, layout.n_groups)
                 return self._pool
         mask = carried if carried is not None else np.zeros(self.ctx.n_neurons, dtype=bool)
         for ids in turned_on:
@@ -311,19 +312,23 @@ class HermesAdjust(HermesIlp):
         last one) are in each FSM state at the window's end."""
         return self._candidate_pool(placement, window).cells.sum(axis=0)[::-1]
 
-    def _hot_ids(self, on_gpu: np.ndarray) -> np.ndarray:
+    def _hot_ids(self, on_gpu: np.ndarray, t1: int) -> np.ndarray:
         """Ids of the GPU-resident neurons, by id: the set this policy's last moves left, if the
-        placement still has exactly it (a count and a gather), else a scan."""
+        placement still has exactly it (a count and a gather, once per window end ``t1``: moves
+        are applied between windows, after the decision), else a scan."""
         hot = self._hot
+        if self._hot_checked_at == t1 and hot is not None:
+            return hot
         if hot is None or len(hot) != np.count_nonzero(on_gpu) or not on_gpu.take(hot).all():
             hot = self._hot = np.flatnonzero(on_gpu)
+        self._hot_checked_at = t1
         return hot
 
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p = self.ctx, self.params
         pool = self._candidate_pool(placement, window)
         cells = pool.cells
-        hot = self._hot_ids(placement.on_gpu)
+        hot = self._hot_ids(placement.on_gpu, window.t1)
         if len(hot) == 0 or not cells[:, :15 - p.hot_threshold].any():
             return None                      # nothing decided: the pool carries over
         pool.consumed = True
@@ -342,6 +347,7 @@ class HermesAdjust(HermesIlp):
         promote, evict, self._leftover, self._hot = _pair_swaps(
             np.asarray(cand, dtype=np.int64), np.asarray(c_key, dtype=np.int64), hot, pool.states(hot), ctx.layout.group_starts(),
             cap if cap is not None else np.zeros(n_stage, dtype=np.int64), cap is not None)
+        self._hot_checked_at = None                  # the moves are not applied yet
         if len(promote) == 0:
             return None
         self.promotions += len(promote)
