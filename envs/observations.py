@@ -6,10 +6,9 @@ Every feature is a ratio (normalised load, share of time, fraction of stages) cl
 """
 from __future__ import annotations
 
-import bisect
-
 import numpy as np
 
+from ndpsched.jit import kernel
 from ndpsched.simulator import DecodeRun, WindowOutcome
 
 #: upper bound of every feature (ratios beyond it carry no extra information for a policy)
@@ -20,6 +19,7 @@ TOLERANCE_LEVELS = (0.02, 0.05, 0.1, 0.2)
 #: FSM-state levels whose candidate counts are observed (the hot-threshold levels of the grid)
 STATE_LEVELS = (6, 8, 10, 12, 14)
 _STATE_ABOVE = np.array(STATE_LEVELS) + 1
+_TOLERANCES = np.array(TOLERANCE_LEVELS)
 
 COMMON_FEATURES = (
     ["latency_vs_reference", "dimm_imbalance_excess"]
@@ -52,16 +52,7 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     """
     sim, cost = run.sim, out.cost
     load = out.activity.device_load[:, 1:]                   # (2L, J) activations per stage, DIMM
-    # stage max/mean - 1, sorted (quantiles and exceedances by indexing); the 1e-30 makes an
-    # idle stage 0 and changes no busy stage's ratio (its loads are whole activations). This runs
-    # at every env step: reductions over the rows of a (J, 2L) copy are the cheapest here.
-    by_dimm = load.T.copy()
-    excess = (np.maximum.reduce(by_dimm) * load.shape[1] + 1e-30) / (np.add.reduce(by_dimm) + 1e-30) - 1.0
-    excess.sort()
-    # as a list: a few quantiles and 4 exceedance counts cost less by bisection than numpy calls
-    excess = excess.tolist()
-    n_stages = len(excess)
-    over = [(n_stages - bisect.bisect_right(excess, t)) / n_stages for t in TOLERANCE_LEVELS]
+    over_p50_p90_max = _stage_excess_stats(out.activity.device_load, _TOLERANCES)
     window_s = out.window_s
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
@@ -75,8 +66,7 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     feats = [
         window_s / (out.t1 - out.t0) / reference_token_s,
         sum(imbalance) / len(imbalance) - 1.0,
-        *over,
-        excess[n_stages // 2], excess[int(0.9 * (n_stages - 1))], excess[-1],
+        *over_p50_p90_max.tolist(),
         out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         comps["exposed_migration"] / window_s,
         last_moves.get("dimm_link_bytes", 0.0) / (cm.link_bw * hidden_s),
@@ -92,6 +82,35 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
         above = np.cumsum(candidate_states[::-1])[::-1]      # above[s] = count with state >= s
         feats += (above[_STATE_ABOVE] / cap).tolist()
     return np.array(feats)
+
+
+@kernel
+def _stage_excess_stats(device_load, tolerances):
+    """Per stage, how far its slowest DIMM is above the mean (max / mean - 1, from the (2L, J + 1)
+    loads, GPU column first; the 1e-30 makes an idle stage 0 and changes no busy stage's ratio,
+    its loads being whole activations): the fraction of stages above each tolerance, then the
+    median, the 90th percentile (lower) and the maximum. One pass instead of a dozen small numpy
+    calls at every env step."""
+    n, J = device_load.shape[0], device_load.shape[1] - 1
+    excess = np.empty(n, np.float64)
+    for g in range(n):
+        top = device_load[g, 1]
+        total = device_load[g, 1]
+        for j in range(2, J + 1):
+            top = max(top, device_load[g, j])
+            total += device_load[g, j]
+        excess[g] = (top * J + 1e-30) / (total + 1e-30) - 1.0
+    excess.sort()
+    out = np.empty(len(tolerances) + 3, np.float64)
+    for k in range(len(tolerances)):
+        above = 0
+        for g in range(n):
+            above += excess[g] > tolerances[k]
+        out[k] = above / n
+    out[len(tolerances)] = excess[n // 2]
+    out[len(tolerances) + 1] = excess[int(0.9 * (n - 1))]
+    out[len(tolerances) + 2] = excess[n - 1]
+    return out
 
 
 def _promotion_capacity(run: DecodeRun) -> float:
