@@ -51,30 +51,27 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
             for promotion (HotCold), or None.
     """
     sim, cost = run.sim, out.cost
-    load = out.activity.device_load[:, 1:]                   # (2L, J) activations per stage, DIMM
-    over_p50_p90_max = _stage_excess_stats(out.activity.device_load, _TOLERANCES)
+    device_load = out.activity.device_load                   # (2L, J + 1) activations per stage, device
+    per_device = out.device_activations if out.device_activations is not None else device_load.sum(axis=0)
+    stats = _load_stats(device_load, per_device, out.all_activations - out.gpu_activations, _TOLERANCES).tolist()
+    n_tol = len(TOLERANCE_LEVELS)
     window_s = out.window_s
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
     cm = sim.cost
     hidden_s = cm.fixed_times_s(sim.batch)[2] * sim.model.n_layers   # migration time hidden per window (projection)
     imbalance = cost.dimm_imbalance.tolist()
-    per_dimm = out.device_activations[1:].copy() if out.device_activations is not None else load.sum(axis=0)
-    per_dimm.sort()
-    total = out.all_activations - out.gpu_activations
-    J = len(per_dimm)
     feats = [
         window_s / (out.t1 - out.t0) / reference_token_s,
         sum(imbalance) / len(imbalance) - 1.0,
-        *over_p50_p90_max.tolist(),
+        *stats[:n_tol + 3],
         out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         comps["exposed_migration"] / window_s,
         last_moves.get("dimm_link_bytes", 0.0) / (cm.link_bw * hidden_s),
         last_moves.get("pcie_bytes", 0.0) / (cm.pcie_bw * hidden_s),
         run.next_step / sim.gen_len,
         comps["dimm_compute"] / compute if compute > 0 else 0.0,
-        # DIMM loads from the busiest down, over their mean
-        *((per_dimm[::-1] * (J / total)).tolist() if total > 0 else [1.0] * J),
+        *stats[n_tol + 3:],
     ]
     if candidate_states is not None:
         # candidates above each threshold, per neuron the hidden PCIe copies allow per window
@@ -85,12 +82,13 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
 
 
 @kernel
-def _stage_excess_stats(device_load, tolerances):
-    """Per stage, how far its slowest DIMM is above the mean (max / mean - 1, from the (2L, J + 1)
-    loads, GPU column first; the 1e-30 makes an idle stage 0 and changes no busy stage's ratio,
-    its loads being whole activations): the fraction of stages above each tolerance, then the
-    median, the 90th percentile (lower) and the maximum. One pass instead of a dozen small numpy
-    calls at every env step."""
+def _load_stats(device_load, per_device, dimm_total, tolerances):
+    """The load features, in one compiled pass instead of a dozen small numpy calls at every env
+    step: per stage, how far its slowest DIMM is above the mean (max / mean - 1, from the
+    (2L, J + 1) loads, GPU column first; the 1e-30 makes an idle stage 0 and changes no busy
+    stage's ratio, its loads being whole activations): the fraction of stages above each
+    tolerance, the median, the 90th percentile (lower) and the maximum; then the DIMMs' window
+    loads (``per_device[1:]``) from the busiest down over their mean (all 1 if idle)."""
     n, J = device_load.shape[0], device_load.shape[1] - 1
     excess = np.empty(n, np.float64)
     for g in range(n):
@@ -101,15 +99,19 @@ def _stage_excess_stats(device_load, tolerances):
             total += device_load[g, j]
         excess[g] = (top * J + 1e-30) / (total + 1e-30) - 1.0
     excess.sort()
-    out = np.empty(len(tolerances) + 3, np.float64)
-    for k in range(len(tolerances)):
+    n_tol = len(tolerances)
+    out = np.empty(n_tol + 3 + J, np.float64)
+    for k in range(n_tol):
         above = 0
         for g in range(n):
             above += excess[g] > tolerances[k]
         out[k] = above / n
-    out[len(tolerances)] = excess[n // 2]
-    out[len(tolerances) + 1] = excess[int(0.9 * (n - 1))]
-    out[len(tolerances) + 2] = excess[n - 1]
+    out[n_tol] = excess[n // 2]
+    out[n_tol + 1] = excess[int(0.9 * (n - 1))]
+    out[n_tol + 2] = excess[n - 1]
+    dimms = np.sort(per_device[1:])
+    for j in range(J):
+        out[n_tol + 3 + j] = dimms[J - 1 - j] * (J / dimm_total) if dimm_total > 0 else 1.0
     return out
 
 
