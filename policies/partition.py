@@ -192,8 +192,8 @@ class HermesAdjust(HermesIlp):
         if entry is None or entry[0] is not ctx.prefill_freqs:
             if len(cache) >= 16:
                 cache.pop(next(iter(cache)))
-            entry = cache[id(ctx.prefill_freqs)] = (ctx.prefill_freqs, initial_states(ctx.prefill_freqs))
-        self.states = SaturatingStates(entry[1], active > 0, token, self.params.state_inc, self.params.state_dec)
+            entry = cache[id(ctx.prefill_freqs)] = (ctx.prefill_freqs, initial_states(ctx.prefill_freqs).astype(np.uint8))
+        self.states = SaturatingStates(entry[1], active, token, self.params.state_inc, self.params.state_dec)
         # tokens observed since the state words were brought up to date (see _state_lookup)
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         # (token, (N,) states, window) when a replay memo answered and the words were left behind
@@ -270,8 +270,11 @@ class HermesAdjust(HermesIlp):
         self._turned_on, self._leftover = [], self._leftover[:0]
         states, dense = self._state_lookup(window)
         layout = self.ctx.layout
-        if carried is None and from_token == window.t0 and dense is not None:
-            window_set = self._window_set(window, turned_on, dense)
+        if carried is None and from_token in (window.t0, None) and dense is not None:
+            # (the first pool of a run also holds the prompt's active set: the same for every
+            # episode on the sequence, so it is kept under a key of its own)
+            window_set = self._window_set(window, turned_on, dense,
+                                          "window set" if from_token is not None else "window set from prompt")
             if window_set is not None:
                 self._pool = _MemoPool(window.t1, window_set, dense, leftover, placement.on_gpu,
                                        self._hot_ids(placement.on_gpu, window.t1), self.ctx.group_of, layout.n_groups)
@@ -283,10 +286,11 @@ class HermesAdjust(HermesIlp):
         self._pool = _MaskPool(window.t1, mask, placement.on_gpu, states, layout.group_starts())
         return self._pool
 
-    def _window_set(self, window: WindowActivity, turned_on: list[np.ndarray], dense: np.ndarray):
+    def _window_set(self, window: WindowActivity, turned_on: list[np.ndarray], dense: np.ndarray, what: str):
         """The window's turn-ons sorted by (stage, 15 - state at its end, id) as a :class:`_WindowSet`,
-        from the replay memo (built on the second visit), or None where the memo has no room."""
-        memo, key = window.memo, self._memo_key("window set")
+        from the replay memo under ``what`` (built on the second visit), or None where the memo
+        has no room."""
+        memo, key = window.memo, self._memo_key(what)
         names = ("ids", "cells", "starts", "bits")
         arrays = [memo.get(key + (name,)) for name in names]
         if any(a is None for a in arrays):
