@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import unknown_name
 from .gpuprofile import PREFILL_PROMPT_TOKENS, profile_for
+from .jit import kernel
 from .hardware import GB, HardwareSpec, check_non_negative_fields
 from .models import ModelSpec
 
@@ -130,7 +131,7 @@ class CostModel:
         self._dimm_per_neuron_s = np.maximum(self.neuron_bytes / self.dimm_bw, self.neuron_macs / self.ndp_macs)[:, None]
         self._gpu_kernels_s = self.gpu_kernels * self.kernel_s
         self._batch_cache: dict[int, tuple[np.ndarray, float, float, float]] = {}
-        # the same per stage 2l + kind, (2L,): for the batch-1 path (see _batch1_stage_times)
+        # the same per stage 2l + kind, (2L,): for the batch-1 path (see _batch1_window)
         self._b1_gpu_per_neuron_s = np.tile(self._gpu_per_neuron_s, self.n_layers)
         self._b1_gpu_fixed_s = np.tile(self._gpu_kernels_s + 2 * self.sync_s, self.n_layers)   # kernels + 2 syncs
         self._b1_dimm_per_neuron_s = np.tile(self._dimm_per_neuron_s[:, 0], self.n_layers)
@@ -239,30 +240,6 @@ class CostModel:
         dimm = np.where(u_dimm > 0, dimm + self.ndp_issue_s, 0.0)
         return gpu_compute, gpu_sync, dimm
 
-    def _batch1_stage_times(self, union: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Batch 1 without a GPU profile, from (T, 2L, J+1) counts: every stage's GPU side (its
-        compute and two syncs; 0 where the GPU is idle in it) and slowest DIMM, (T, 2L) with stage
-        2l + kind, and each step's DIMM time summed over stages and DIMMs, (T,).
-
-        A DIMM's time, ``u c + issue`` where its count ``u`` > 0, grows with ``u``: the slowest
-        DIMM is the one with the largest count, and the sum over DIMMs is ``c`` times the summed
-        count plus ``issue`` per busy DIMM, so no array of per-DIMM times is built. The counts are
-        read device-major (one small transposed copy), so every reduction over the DIMMs runs
-        across whole rows instead of along 8-element strides."""
-        by_device = np.ascontiguousarray(union.transpose(2, 0, 1), dtype=np.float64)       # (J+1, T, 2L)
-        gpu, dimms = by_device[0], by_device[1:]
-        per_dimm = self._b1_dimm_per_neuron_s
-        gpu_side = gpu * self._b1_gpu_per_neuron_s
-        gpu_side += self._b1_gpu_fixed_s
-        gpu_side *= gpu > 0
-        u_max = np.maximum.reduce(dimms)
-        dimm_max = u_max * per_dimm
-        dimm_max += self.ndp_issue_s
-        dimm_max *= u_max > 0
-        busy_dimms = np.add.reduce(dimms > 0).sum(axis=1)                 # (T,) busy (stage, DIMM) pairs
-        busy_sum = np.add.reduce(dimms) @ per_dimm + self.ndp_issue_s * busy_dimms
-        return gpu_side, dimm_max, busy_sum
-
     def fixed_times_s(self, batch: int) -> tuple[np.ndarray, float, float, float]:
         """Times that do not depend on the active neurons, for ``batch``: (merge_s per kind, their
         sum, projection_s, lm_head_s), cached."""
@@ -295,17 +272,13 @@ class CostModel:
             kv_len = np.broadcast_to(kv_len, (T,))
         proj_sync = 2 * self.sync_s
         if total is None and self.profile is None:
-            # batch 1 on the roofline (the envs' and the sweeps' case): the same times without an
-            # array of per-DIMM times and with the DIMM reductions across rows (a 5-token window
-            # is priced 1.3-1.6x faster here; tests check it against the general path)
-            gpu_side, dimm_max, busy_sum = self._batch1_stage_times(union)  # (T, 2L), (T, 2L), (T,)
-            gpu_critical = gpu_side >= dimm_max
-            sync_part = proj_sync * np.count_nonzero(gpu_critical & (gpu_side > 0))   # idle stages: 0
-            gpu_part = float(gpu_side[gpu_critical].sum()) - sync_part
-            stage = np.maximum(gpu_side, dimm_max)
-            stage_by_kind = (stage[:, 0::2], stage[:, 1::2])                   # (T, L) each
-            layer_stages = stage_by_kind[0] + stage_by_kind[1]
-            per_stage = [float(x.sum()) for x in stage_by_kind]                 # qkv, ffn
+            # batch 1 on the roofline (the envs' and the sweeps' case): one compiled pass over the
+            # counts, no array of per-DIMM times (tests check it against the general path)
+            (layer_stages, per_stage, gpu_part, n_sync, dimm_part, slowest,
+             busy_sum) = _batch1_window(np.ascontiguousarray(union, dtype=np.float64), self._b1_gpu_per_neuron_s,
+                                        self._b1_gpu_fixed_s, self._b1_dimm_per_neuron_s, self.ndp_issue_s)
+            sync_part = proj_sync * n_sync
+            gpu_part -= sync_part
         else:
             union = np.asarray(union, dtype=np.float64)
             total = None if total is None else np.asarray(total, dtype=np.float64)
@@ -319,6 +292,8 @@ class CostModel:
             stage = np.maximum(gpu_side, dimm_max)                              # (T, L, 2)
             layer_stages = stage.sum(axis=-1)
             per_stage = stage.sum(axis=(0, 1))                                  # (2,) qkv, ffn
+            dimm_part = dimm_max[~gpu_critical].sum()
+            slowest = dimm_max.reshape(T, -1).sum(axis=1)
         merge_kind, merge, proj, lm = self.fixed_times_s(batch)
         attn = self.attention_s(kv_len, batch)                              # (T,)
         layer = layer_stages + (merge + proj) + attn[:, None]
@@ -333,7 +308,7 @@ class CostModel:
         attn_s = float(L * attn.sum())
         comps = {
             "gpu_compute": float(gpu_part + T * L * (proj - proj_sync)),
-            "dimm_compute": float(dimm_max[~gpu_critical].sum()),
+            "dimm_compute": float(dimm_part),
             "attention": attn_s,
             "sync": float(sync_part + T * L * proj_sync),
             "merge": float(T * L * merge) if self.params.merge == "host" else 0.0,
@@ -350,7 +325,6 @@ class CostModel:
             "other": float(T * lm),
         }
         # sum over stages of the slowest DIMM / of the mean DIMM (J cancels: sum over DIMMs)
-        slowest = dimm_max.reshape(T, -1).sum(axis=1)
         imbalance = np.where(busy_sum > 0, slowest * self.n_dimms / np.maximum(busy_sum, 1e-300), 1.0)
         return StepsCost(step_s=step, layer_s=layer, components=comps, dimm_imbalance=imbalance, stage_s=stages)
 
@@ -379,3 +353,48 @@ class CostModel:
             "pcie": self.n_layers * (per_layer - compute if per_layer > compute else 0.0),
             "gpu_compute": self.n_layers * compute + lm,
         }
+
+
+@kernel
+def _batch1_window(union, gpu_per_neuron, gpu_fixed, dimm_per_neuron, issue_s):
+    """Batch-1 roofline pricing of T steps from (T, 2L, J+1) active counts (stage 2l + kind,
+    GPU first), in one pass. A stage's GPU side is its compute and two syncs (0 where the GPU
+    is idle in it); a DIMM's time ``u c + issue`` where its count ``u`` > 0 grows with ``u``, so
+    the slowest DIMM is the one with the largest count. The stage takes the slower side.
+
+    Returns (layer times without the fixed parts (T, L), per-kind sums (2,) qkv / ffn, the
+    GPU-side time of the stages where the GPU is critical (syncs included), how many such busy
+    stages, the slowest-DIMM time of the other stages, per step the sum over stages of the
+    slowest DIMM (T,) and of all DIMMs (T,))."""
+    T, S, D = union.shape
+    layer = np.zeros((T, S // 2))
+    per_kind = np.zeros(2)
+    slowest = np.zeros(T)
+    busy_sum = np.zeros(T)
+    gpu_part = dimm_part = 0.0
+    n_sync = 0
+    for t in range(T):
+        for st in range(S):
+            g = union[t, st, 0]
+            gpu = (g * gpu_per_neuron[st] + gpu_fixed[st]) if g > 0 else 0.0
+            u_max = 0.0
+            u_sum = 0.0
+            busy = 0
+            for d in range(1, D):
+                u = union[t, st, d]
+                u_max = max(u_max, u)
+                u_sum += u
+                busy += u > 0
+            dimm = (u_max * dimm_per_neuron[st] + issue_s) if u_max > 0 else 0.0
+            busy_sum[t] += u_sum * dimm_per_neuron[st] + issue_s * busy
+            slowest[t] += dimm
+            if gpu >= dimm:
+                gpu_part += gpu
+                n_sync += g > 0
+                stage = gpu
+            else:
+                dimm_part += dimm
+                stage = dimm
+            layer[t, st // 2] += stage
+            per_kind[st % 2] += stage
+    return layer, per_kind, gpu_part, n_sync, dimm_part, slowest, busy_sum
