@@ -141,6 +141,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("  ".join(f"{r[c]:>15.2f}" if isinstance(r[c], float) else f"{r[c]:>15}" for c in cols))
     print("sim_tokens_per_s: decode loop only; end_to_end adds set-up (profiles, initial placement);"
           " trace_gen_s: synthetic trace generation, once per model")
+    if rows:
+        print(f"compiled loops warmed up first (compiled or loaded from their cache): {rows[0]['jit_warmup_s']:.2f} s")
     if env_rows:
         print(f"\nenv steps per second ({env_rows[0]['model']}, {env_rows[0]['dimms']} DIMMs; one step = one window; "
               "heuristic action, resets included) against the bare simulator on the same windows")

@@ -18,6 +18,10 @@ import functools
 from typing import Any, Callable
 
 
+#: the kernels compiled (or loaded from the cache) in this process, by qualified name
+COMPILED: dict[str, Any] = {}
+
+
 def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` compiled with ``numba.njit(cache=True)`` on first use."""
     compiled: Callable[..., Any] | None = None
@@ -28,7 +32,7 @@ def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
         if compiled is None:
             import numba
 
-            compiled = numba.njit(cache=True, nogil=True)(fn)
+            compiled = COMPILED[f"{fn.__module__}.{fn.__qualname__}"] = numba.njit(cache=True, nogil=True)(fn)
         return compiled(*args)
 
     call.py_func = fn          # type: ignore[attr-defined]
