@@ -1,0 +1,215 @@
+"""The compiled loops (ndpsched/jit.py) against plain numpy references written from their docstrings.
+
+The end-to-end checks live elsewhere (hermes.adjust against a by-hand ranking, the simulator's
+counts against a recount from scratch, the batch-1 pricing against the general path); these pin
+each loop on random inputs with the edge cases the environments hit: idle stages, ties, neurons
+that come back home, leftovers that share a cell.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ndpsched import simulator
+from ndpsched.envs import observations
+from ndpsched.policies import balancer, fsm, partition
+from ndpsched.replay import SequenceReplay
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_load_stats_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    n_stages, J = 64, 8
+    load = rng.integers(0, 40, size=(n_stages, J + 1)).astype(np.float64)
+    load[rng.random(n_stages) < 0.2, 1:] = 0.0                    # idle stages
+    load[3, 1:] = 7.0                                              # a perfectly even one
+    per_device = load.sum(axis=0)
+    dimm_total = float(per_device[1:].sum())
+    got = observations._load_stats(load, per_device, dimm_total, observations._TOLERANCES)
+
+    dimms = load[:, 1:]
+    excess = np.sort((dimms.max(axis=1) * J + 1e-30) / (dimms.sum(axis=1) + 1e-30) - 1.0)
+    want = [np.mean(excess > t) for t in observations.TOLERANCE_LEVELS]
+    want += [excess[n_stages // 2], excess[int(0.9 * (n_stages - 1))], excess[-1]]
+    want += list(np.sort(per_device[1:])[::-1] * (J / dimm_total))
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
+    idle = observations._load_stats(np.zeros((4, J + 1)), np.zeros(J + 1), 0.0, observations._TOLERANCES)
+    assert idle.tolist() == [0.0] * 7 + [1.0] * J
+
+
+def test_push_row_shifts_and_clips():
+    hist = np.zeros((3, 4), dtype=np.float32)
+    for k, row in enumerate(([1.0, -2.0, 11.0, 0.5], [2.0, 3.0, np.inf, -np.inf], [0.25, 10.0, 9.5, 4.0])):
+        flat = observations._push_row(hist, np.array(row), 10.0)
+    np.testing.assert_array_equal(flat.reshape(3, 4), [[1.0, 0.0, 10.0, 0.5], [2.0, 3.0, 10.0, 0.0],
+                                                       [0.25, 10.0, 9.5, 4.0]])
+    flat[:] = -1.0                                                 # a copy, not a view
+    assert hist.min() >= 0.0
+
+
+def test_pack_words_matches_numpy():
+    rng = np.random.default_rng(0)
+    states = rng.integers(0, 16, 1000).astype(np.uint8)
+    active = rng.integers(0, 3, 1000).astype(np.uint8)
+    want = (np.int32(37) << 8) | (states.astype(np.int32) << 1) | (active > 0).astype(np.int32)
+    np.testing.assert_array_equal(fsm.SaturatingStates.pack(states, active, 37), want)
+    np.testing.assert_array_equal(fsm.SaturatingStates.pack(states.astype(np.int64), active > 0, 37), want)
+
+
+def _pair_by_numpy(cand, c_key, hot, hot_state, group_starts, cap):
+    """hermes.adjust's swap rule, written with argsorts (the previous implementation)."""
+    n_stage = len(group_starts) - 1
+    c_stage, cand_state = c_key // 16, 15 - c_key % 16
+    e_count = np.diff(np.searchsorted(hot, group_starts))
+    e_order = np.argsort(np.repeat(np.arange(n_stage) * 16, e_count) + hot_state, kind="stable")
+    sorted_state = hot_state[e_order]
+    c_count = np.bincount(c_stage, minlength=n_stage)
+    c_rank = np.arange(len(cand)) - (np.cumsum(c_count) - c_count)[c_stage]
+    e_first = np.cumsum(e_count) - e_count
+    pair = c_rank < e_count[c_stage]
+    e_idx = np.where(pair, e_first[c_stage] + c_rank, 0)
+    swap = pair & (cand_state > sorted_state[e_idx]) & (c_rank < cap[c_stage])
+    leftover = cand[~swap & (c_rank < 3 * cap[c_stage])]
+    evicted = hot[e_order[e_idx[swap]]]
+    new_hot = np.sort(np.concatenate([np.setdiff1d(hot, evicted), cand[swap]]))
+    return cand[swap], evicted, leftover, new_hot
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pair_swaps_matches_argsort_version(seed):
+    rng = np.random.default_rng(seed)
+    n_stage, per_stage = 6, 200
+    group_starts = np.arange(n_stage + 1, dtype=np.int64) * per_stage
+    on_gpu = rng.random(n_stage * per_stage) < 0.3
+    hot = np.flatnonzero(on_gpu).astype(np.int64)
+    hot_state = rng.integers(0, 16, len(hot)).astype(np.uint8)     # many ties
+    cold = np.flatnonzero(~on_gpu)
+    cand = rng.choice(cold, size=len(cold) // 3, replace=False)
+    state = rng.integers(8, 16, len(cand))
+    c_key = (cand // per_stage) * 16 + 15 - state
+    order = np.lexsort((cand, c_key))
+    cand, c_key = cand[order].astype(np.int64), c_key[order].astype(np.int64)
+    cap = rng.integers(0, 12, n_stage).astype(np.int64)
+    got = partition._pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, True)
+    for g, w in zip(got, _pair_by_numpy(cand, c_key, hot, hot_state, group_starts, cap)):
+        np.testing.assert_array_equal(g, w)
+    # without a cap every candidate can swap and every loser is left over
+    got = partition._pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, False)
+    for g, w in zip(got, _pair_by_numpy(cand, c_key, hot, hot_state, group_starts, np.full(n_stage, 10**9))):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_memo_ranked_merges_leftovers_by_cell_then_id():
+    rng = np.random.default_rng(1)
+    n_stage, n = 3, 3000
+    on_gpu = rng.random(n) < 0.2
+    ws_all = np.sort(rng.choice(n, 1200, replace=False))
+    ws_cell = (ws_all // 1000) * 16 + rng.integers(0, 16, len(ws_all))
+    order = np.lexsort((ws_all, ws_cell))
+    ws_ids, ws_cells = ws_all[order].astype(np.int32), ws_cell[order].astype(np.uint16)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(ws_cells, minlength=n_stage * 16))]).astype(np.int64)
+    rest = np.setdiff1d(np.flatnonzero(~on_gpu), ws_all)
+    leftover = rng.permutation(rng.choice(rest, 300, replace=False)).astype(np.int64)
+    leftover_cell = (leftover // 1000) * 16 + rng.integers(0, 4, len(leftover))   # crowded cells
+    n_cols = 6
+    ids, cells = partition._memo_ranked(ws_ids, ws_cells, starts, on_gpu, leftover, leftover_cell, n_stage,
+                                        n_cols, np.zeros(n_stage, dtype=np.int64), False)
+    every = np.concatenate([ws_ids[~on_gpu[ws_ids]], leftover])
+    every_cell = np.concatenate([ws_cells[~on_gpu[ws_ids]], leftover_cell]).astype(np.int64)
+    usable = every_cell % 16 < n_cols
+    order = np.lexsort((every[usable], every_cell[usable]))
+    np.testing.assert_array_equal(ids, every[usable][order])
+    np.testing.assert_array_equal(cells, every_cell[usable][order])
+    limit = np.array([5, 0, 40], dtype=np.int64)
+    ids_l, _ = partition._memo_ranked(ws_ids, ws_cells, starts, on_gpu, leftover, leftover_cell, n_stage,
+                                      n_cols, limit, True)
+    stage = ids // 1000
+    want = np.concatenate([ids[stage == s][:limit[s]] for s in range(n_stage)])
+    np.testing.assert_array_equal(ids_l, want)
+
+
+def _algorithm1_by_numpy(load, groups, group_of, ids, home, A, move_fraction, max_moves):
+    """hermes.window's Algorithm 1 with argsorts (the previous implementation)."""
+    J = load.shape[1]
+    dimm_at_rank = np.argsort(-load, axis=1, kind="stable")
+    rank_of_dimm = np.argsort(dimm_at_rank, axis=1, kind="stable")
+    row = (np.arange(len(groups)) * J)[:, None]
+    partner = dimm_at_rank.take(row + (J - 1) - rank_of_dimm)
+    busy_cell = (rank_of_dimm < J // 2).ravel()
+    half_gap = (move_fraction / 2.0) * (load.ravel() - load.take(row + partner).ravel())
+    cell = np.searchsorted(groups, group_of[ids]) * J + home
+    keep = np.flatnonzero(busy_cell.take(cell))
+    ids, cell, A = ids[keep], cell[keep], A[keep]
+    order = np.lexsort((np.arange(len(ids)), -A, cell))
+    cell_s, A_s = cell[order], A[order].astype(np.float64)
+    csum = np.cumsum(A_s)
+    first = np.searchsorted(cell_s, cell_s)
+    moved_before = csum - A_s - (csum[first] - A_s[first])
+    take = (moved_before + A_s) <= half_gap[cell_s]
+    if max_moves:
+        take &= (np.arange(len(order)) - first) < max_moves
+    sel = order[take]
+    return ids[sel], partner.ravel()[cell[sel]]
+
+
+@pytest.mark.parametrize("seed,move_fraction,max_moves", [(0, 1.0, 0), (1, 0.5, 0), (2, 1.0, 3), (3, 0.25, 2)])
+def test_algorithm1_matches_argsort_version(seed, move_fraction, max_moves):
+    rng = np.random.default_rng(seed)
+    n_groups, per_group, J = 10, 300, 8
+    group_of = np.repeat(np.arange(n_groups), per_group).astype(np.int32)
+    groups = np.sort(rng.choice(n_groups, 6, replace=False)).astype(np.int64)
+    load = rng.integers(0, 60, size=(len(groups), J)).astype(np.float64)
+    load[0, :4] = load[0, 4]                                       # tied loads
+    ids = np.concatenate([np.arange(g * per_group, (g + 1) * per_group, 3) for g in groups]).astype(np.int64)
+    home = rng.integers(0, J, len(ids)).astype(np.int64)
+    A = rng.integers(1, 6, len(ids)).astype(np.int64)
+    got = balancer._algorithm1(load, groups, group_of, n_groups, ids, home, A, move_fraction, max_moves)
+    want = _algorithm1_by_numpy(load, groups, group_of, ids, home, A, move_fraction, max_moves)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_recount_moved_from_rows_matches_numpy():
+    rng = np.random.default_rng(2)
+    n, n_tokens, K = 800, 5, 40
+    active = rng.random((n_tokens + 1, n)) < 0.3
+    rows = np.packbits(active, axis=1)
+    changed = np.bitwise_or.reduce(rows[1:] ^ rows[:-1], axis=0)
+    base_key = rng.integers(0, K, n).astype(np.int16)
+    key_of = base_key.copy()
+    moved = rng.random(n) < 0.25
+    key_of[moved] = rng.integers(0, K, moved.sum())                 # some land on their old key
+    got = np.zeros(n_tokens * K, dtype=np.int64)
+    simulator._recount_moved_from_rows(got, rows, changed, np.packbits(moved), key_of, base_key, K)
+
+    ids = np.flatnonzero(moved)
+    step = np.diff(SequenceReplay.active_of(rows, ids).view(np.int8).astype(np.int64), axis=0)   # (n_tokens, m)
+    want = np.zeros((n_tokens, K), dtype=np.int64)
+    for t in range(n_tokens):
+        np.add.at(want[t], key_of[ids], step[t])
+        np.add.at(want[t], base_key[ids], -step[t])
+    np.testing.assert_array_equal(got.reshape(n_tokens, K), want)
+
+
+def test_rekey_counts_moves_counts_and_marks_moved_neurons():
+    n, n_dev = 64, 3
+    group_of = (np.arange(n) // 16).astype(np.int32)
+    base_key = (group_of * n_dev + 1).astype(np.int16)            # every neuron starts on device 1
+    key_of = base_key.copy()
+    active = (np.arange(n) % 2).astype(np.uint8)                   # odd ids fire
+    total = np.bincount(key_of, weights=active, minlength=4 * n_dev).astype(np.int64)
+    moved, moved_bits = np.zeros(n, dtype=bool), np.zeros(n // 8, dtype=np.uint8)
+    idx = np.array([1, 2, 17, 33], dtype=np.int64)
+    new_dev = np.array([0, 2, 2, 1], dtype=np.int64)               # 33 stays where it started
+    n_new = simulator._rekey_counts(idx, new_dev, key_of, group_of, n_dev, False, active[:0], active, total,
+                                    total, False, True, base_key, moved, moved_bits)
+    assert n_new == 3
+    np.testing.assert_array_equal(np.flatnonzero(moved), [1, 2, 17])
+    np.testing.assert_array_equal(np.flatnonzero(np.unpackbits(moved_bits)), [1, 2, 17])
+    np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
+    # back home: the counts follow, the neuron stays marked (its recount then cancels out)
+    n_new = simulator._rekey_counts(np.array([1], dtype=np.int64), np.array([1], dtype=np.int64), key_of, group_of,
+                                    n_dev, True, np.packbits(active), active[:0], total, total, False, True,
+                                    base_key, moved, moved_bits)
+    assert n_new == 0 and moved[1] and key_of[1] == base_key[1]
+    np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
