@@ -462,13 +462,6 @@ class _WindowSet(NamedTuple):
     bits: np.ndarray
 
 
-def _member(bits: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """(len(ids),) bool: whether neurons ``ids`` are set in packed ``bits``."""
-    from ndpsched.replay import SequenceReplay
-
-    return SequenceReplay.active_of(bits[None], ids)[0].view(bool)
-
-
 def _cell_dtype(n_stage: int) -> type:
     """dtype of (stage, 15 - state) cell keys: 16 bits where they fit (numpy's stable argsort then
     runs as a radix sort)."""
