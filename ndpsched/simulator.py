@@ -382,7 +382,7 @@ class DecodeRun:
         self.scratch = (np.zeros(sim.layout.n_neurons, dtype=np.int32), np.zeros(sim.layout.n_neurons, dtype=bool)) \
             if self.keep_active and self.replay is None else None
 
-        self._id_stamp = np.empty(sim.layout.n_neurons, dtype=np.int32)      # see _check_ids
+        self._id_bits = np.zeros((sim.layout.n_neurons + 7) // 8, dtype=np.uint8)   # see _check_ids
         self.prefill = sim.cost.prefill_cost(P, B)
         self.breakdown = dict.fromkeys(COMPONENTS, 0.0)
         for k, v in self.prefill.items():
@@ -596,7 +596,7 @@ class DecodeRun:
         evict = np.asarray(change.evict, dtype=np.int64)
         who = who or f"partition '{self.sim.partition.registered_name}'"
         moved = np.concatenate([evict, promote])          # (one check and one recount for both)
-        _check_ids(moved, ctx.n_neurons, who, self._id_stamp)
+        _check_ids(moved, ctx.n_neurons, who, self._id_bits)
         on_gpu = placement.on_gpu
         if on_gpu.take(promote).any() or not on_gpu.take(evict).all():
             raise ConfigError(f"{who} promoted a neuron already on the GPU or evicted one that is not")
@@ -628,7 +628,7 @@ class DecodeRun:
         idx = np.asarray(change.neurons, dtype=np.int64)
         dest = np.asarray(change.dest, dtype=np.int64)
         who = who or f"balancer '{self.sim.balancer.registered_name}'"
-        _check_ids(idx, ctx.n_neurons, who, self._id_stamp)
+        _check_ids(idx, ctx.n_neurons, who, self._id_bits)
         if dest.shape != idx.shape or (dest.size and (dest.min() < 0 or dest.max() >= ctx.n_dimms)):
             raise ConfigError(f"{who} returned destinations outside DIMMs 0..{ctx.n_dimms - 1}")
         src = placement.home_dimm[idx].astype(np.int64)
@@ -773,12 +773,33 @@ def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, act
     return n_new
 
 
-def _check_ids(idx: np.ndarray, n: int, who: str, stamp: np.ndarray) -> None:
-    """Ids in 0..n-1, none twice. ``stamp``: (n,) int32 scratch, any content: each id's position is
-    written into it and read back, and a repeated id reads another position (O(len(idx)), no sort)."""
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
+def _check_ids(idx: np.ndarray, n: int, who: str, bits: np.ndarray) -> None:
+    """Ids in 0..n-1, none twice. ``bits``: (n / 8,) uint8 scratch, all zero between calls."""
+    problem = _id_problem(np.asarray(idx, dtype=np.int64), n, bits)
+    if problem == 1:
         raise ConfigError(f"{who} returned neuron ids outside 0..{n - 1}")
-    position = np.arange(len(idx), dtype=np.int32)
-    stamp[idx] = position
-    if (stamp.take(idx) != position).any():
+    if problem == 2:
         raise ConfigError(f"{who} returned the same neuron twice in one decision (or promoted and evicted it)")
+
+
+@kernel
+def _id_problem(idx, n, bits):
+    """0 if ids ``idx`` are in 0..n-1 and distinct, 1 if one is out of range, 2 if one repeats.
+    Each id's bit is set in the packed scratch ``bits`` (N / 8 bytes: it stays in cache, where
+    an (N,) stamp array took a cache miss per id) and cleared again before returning."""
+    problem = 0
+    k = 0
+    while k < len(idx):
+        i = idx[k]
+        if i < 0 or i >= n:
+            problem = 1
+            break
+        mask = np.uint8(1 << (i & 7))
+        if bits[i >> 3] & mask:
+            problem = 2
+            break
+        bits[i >> 3] |= mask
+        k += 1
+    for j in range(k):
+        bits[idx[j] >> 3] = 0
+    return problem

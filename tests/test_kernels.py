@@ -213,3 +213,10 @@ def test_rekey_counts_moves_counts_and_marks_moved_neurons():
                                     base_key, moved, moved_bits)
     assert n_new == 0 and moved[1] and key_of[1] == base_key[1]
     np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
+
+
+def test_id_problem_flags_range_and_repeats_and_leaves_scratch_clean():
+    bits = np.zeros(13, dtype=np.uint8)                            # 100 neurons
+    for ids, want in (([3, 99, 0, 57], 0), ([3, 100], 1), ([-1], 1), ([5, 9, 5], 2), ([], 0), ([8, 9, 10, 11], 0)):
+        assert simulator._id_problem(np.array(ids, dtype=np.int64), 100, bits) == want
+        assert not bits.any()
