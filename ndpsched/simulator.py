@@ -597,19 +597,15 @@ class DecodeRun:
         who = who or f"partition '{self.sim.partition.registered_name}'"
         moved = np.concatenate([evict, promote])          # (one check and one recount for both)
         _check_ids(moved, ctx.n_neurons, who, self._id_bits)
-        on_gpu = placement.on_gpu
-        if on_gpu.take(promote).any() or not on_gpu.take(evict).all():
+        # (one compiled pass: checks both lists against the GPU set, then flips them)
+        problem, delta, new_dev, copied = _swap_gpu_copies(promote, evict, placement.on_gpu, placement.home_dimm,
+                                                           ctx.neuron_bytes, ctx.layer_of, ctx.model.n_layers)
+        if problem:
             raise ConfigError(f"{who} promoted a neuron already on the GPU or evicted one that is not")
-        promoted_bytes = ctx.neuron_bytes.take(promote)
-        delta = float(promoted_bytes.sum() - ctx.neuron_bytes.take(evict).sum())
-        on_gpu[evict] = False
-        on_gpu[promote] = True
         if delta > 0:   # a swap of equal sizes cannot overflow; only a net growth is checked
-            check_gpu_capacity(ctx, on_gpu, who)
+            check_gpu_capacity(ctx, placement.on_gpu, who)
         # evicted neurons compute on their home DIMM (device home + 1), promoted ones on the GPU (0)
-        self._rekey(moved, np.concatenate([placement.home_dimm.take(evict).astype(np.int32) + 1,
-                                           np.zeros(len(promote), dtype=np.int32)]))
-        copied = np.bincount(ctx.layer_of.take(promote), weights=promoted_bytes, minlength=ctx.model.n_layers)
+        self._rekey(moved, new_dev)
         self.pending_pcie += copied
         self.moves["promoted"] += len(promote)
         self.moves["evicted"] += len(evict)
@@ -625,38 +621,35 @@ class DecodeRun:
         if change is None or len(change.neurons) == 0:
             return {"remapped": 0, "dimm_link_bytes": 0.0}
         ctx, placement = self.ctx, self.placement
-        idx = np.asarray(change.neurons, dtype=np.int64)
+        idx = np.array(change.neurons, dtype=np.int64)      # a copy: the real moves are compacted in it
         dest = np.asarray(change.dest, dtype=np.int64)
         who = who or f"balancer '{self.sim.balancer.registered_name}'"
         _check_ids(idx, ctx.n_neurons, who, self._id_bits)
-        if dest.shape != idx.shape or (dest.size and (dest.min() < 0 or dest.max() >= ctx.n_dimms)):
+        if dest.shape != idx.shape:
+            raise ConfigError(f"{who} returned {len(dest)} destinations for {len(idx)} neurons")
+        J, L = ctx.n_dimms, ctx.model.n_layers
+        # one compiled pass: the real moves (destination not the home), per-DIMM weight bytes
+        # (updated by the moves only: a full recount is O(neurons)), per (layer, DIMM) bytes sent
+        # and received, and the cold movers' new devices
+        sent, recv = np.zeros((L, J)), np.zeros((L, J))
+        n_real, moved_bytes, cold, cold_dev = _remap_homes(idx, dest, placement.home_dimm, placement.on_gpu,
+                                                           ctx.neuron_bytes, ctx.layer_of, self.dimm_bytes, sent, recv)
+        if n_real < 0:
             raise ConfigError(f"{who} returned destinations outside DIMMs 0..{ctx.n_dimms - 1}")
-        src = placement.home_dimm[idx].astype(np.int64)
-        real = src != dest
-        idx, src, dest = idx[real], src[real], dest[real]
-        placement.home_dimm[idx] = dest
-        # per-DIMM weight bytes, updated by the moves only (a full recount is O(neurons))
-        moved = ctx.neuron_bytes[idx]
-        self.dimm_bytes += np.bincount(dest, weights=moved, minlength=ctx.n_dimms)
-        self.dimm_bytes -= np.bincount(src, weights=moved, minlength=ctx.n_dimms)
         if self.dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
             check_dimm_capacity(ctx, placement.home_dimm, who)   # names the DIMM
-        cold = ~placement.on_gpu[idx]
-        self._rekey(idx[cold], dest[cold].astype(np.int32) + 1)
+        self._rekey(cold, cold_dev)
+        idx = idx[:n_real]                       # (only its length is used below)
         self.moves["remapped"] += len(idx)
         if not change.priced:                    # a bound's free moves (see BalanceMoves)
             self.decision["remapped"] += len(idx)
             return {"remapped": len(idx), "dimm_link_bytes": 0.0}
         # DIMM-link time per layer: the busiest DIMM port (sent or received bytes) bounds it
-        J, L = ctx.n_dimms, ctx.model.n_layers
-        layer = ctx.layer_of[idx]
-        sent = np.bincount(layer * J + src, weights=moved, minlength=L * J).reshape(L, J)
-        recv = np.bincount(layer * J + dest, weights=moved, minlength=L * J).reshape(L, J)
         port = np.maximum(sent, recv).max(axis=1)
         cost = self.sim.cost
         self.pending_link += np.where(port > 0, port / cost.link_bw + cost.link_lat_s, 0.0)
-        self.moved_bytes["dimm_link"] += float(moved.sum())
-        out = {"remapped": len(idx), "dimm_link_bytes": float(moved.sum())}
+        self.moved_bytes["dimm_link"] += moved_bytes
+        out = {"remapped": n_real, "dimm_link_bytes": moved_bytes}
         for k, v in out.items():
             self.decision[k] += v
         return out
@@ -771,6 +764,68 @@ def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, act
             moved_bits[i >> 3] |= 1 << (7 - (i & 7))
             n_new += 1
     return n_new
+
+
+@kernel
+def _swap_gpu_copies(promote, evict, on_gpu, home_dimm, neuron_bytes, layer_of, n_layers):
+    """Check a hot/cold change (every ``promote`` off the GPU, every ``evict`` on it) and, if it
+    holds, apply it to ``on_gpu``. Returns (1 if it does not hold else 0, promoted minus evicted
+    bytes, the movers' new devices (evicted: home DIMM + 1, promoted: 0, evicted first), bytes
+    copied to the GPU per layer)."""
+    for i in promote:
+        if on_gpu[i]:
+            return 1, 0.0, np.zeros(0, np.int64), np.zeros(n_layers)
+    for i in evict:
+        if not on_gpu[i]:
+            return 1, 0.0, np.zeros(0, np.int64), np.zeros(n_layers)
+    copied = np.zeros(n_layers)
+    new_dev = np.zeros(len(evict) + len(promote), np.int64)
+    delta = 0.0
+    for k in range(len(evict)):
+        i = evict[k]
+        on_gpu[i] = False
+        delta -= neuron_bytes[i]
+        new_dev[k] = home_dimm[i] + 1
+    for i in promote:
+        on_gpu[i] = True
+        delta += neuron_bytes[i]
+        copied[layer_of[i]] += neuron_bytes[i]
+    return 0, delta, new_dev, copied
+
+
+@kernel
+def _remap_homes(idx, dest, home_dimm, on_gpu, neuron_bytes, layer_of, dimm_bytes, sent, recv):
+    """Apply a DIMM remap: neuron ``idx[k]`` gets home ``dest[k]``. The real moves (destination not
+    the home) are compacted to the front of ``idx``; ``dimm_bytes`` (J,) and ``sent`` / ``recv``
+    (L, J) bytes per layer and DIMM port are updated. Returns (real moves, or -1 with nothing
+    changed if a destination is outside 0..J-1, their bytes, the cold movers and their new
+    devices (DIMM + 1))."""
+    J = len(dimm_bytes)
+    for d in dest:
+        if d < 0 or d >= J:
+            return -1, 0.0, idx[:0], idx[:0]
+    n_real = n_cold = 0
+    total = 0.0
+    cold = np.empty(len(idx), np.int64)
+    cold_dev = np.empty(len(idx), np.int64)
+    for k in range(len(idx)):
+        i, d = idx[k], dest[k]
+        src = home_dimm[i]
+        if src == d:
+            continue
+        home_dimm[i] = d
+        b = neuron_bytes[i]
+        dimm_bytes[d] += b
+        dimm_bytes[src] -= b
+        sent[layer_of[i], src] += b
+        recv[layer_of[i], d] += b
+        total += b
+        idx[n_real] = i
+        n_real += 1
+        if not on_gpu[i]:
+            cold[n_cold], cold_dev[n_cold] = i, d + 1
+            n_cold += 1
+    return n_real, total, cold[:n_cold].copy(), cold_dev[:n_cold].copy()
 
 
 def _check_ids(idx: np.ndarray, n: int, who: str, bits: np.ndarray) -> None:
