@@ -165,6 +165,11 @@ class WindowActivity:
             self._active = self._active()
         return self._active
 
+    def all_counts(self) -> np.ndarray | None:
+        """(N,) active-token counts of every neuron in the window where the run keeps them (a
+        replayed sequence), else None (then :meth:`neuron_counts` computes them for given ids)."""
+        return self._window_counts() if self._window_counts is not None else None
+
     def neuron_counts(self, idx: np.ndarray) -> np.ndarray:
         """Active-token counts in the window (summed over the batch) of neurons ``idx``.
 

@@ -84,15 +84,20 @@ def _window_candidates(ctx: SchedContext, window: WindowActivity, placement: Pla
     With ``stride`` > 1 only every stride-th neuron of each group is examined, starting at
     ``offset`` (callers rotate it, so every neuron is a candidate every ``stride`` windows).
     """
-    members, ptr = _strided_members(ctx.layout, stride)[offset % stride]
-    if len(groups) == len(ptr) - 1:
-        ids = members
-    else:
-        ids = np.concatenate([members[ptr[g]: ptr[g + 1]] for g in groups.tolist()])
+    ids = _group_members(ctx.layout, groups, stride, offset)
     counts = window.neuron_counts(ids)
     keep = np.flatnonzero((counts > 0) & ~placement.on_gpu.take(ids))
     ids = ids.take(keep)
     return ids, placement.home_dimm.take(ids).astype(np.int64), counts.take(keep)
+
+
+def _group_members(layout: NeuronLayout, groups: np.ndarray, stride: int, offset: int) -> np.ndarray:
+    """The neurons at positions offset, offset + stride, ... (offset mod stride) of each of
+    ``groups``, group after group."""
+    members, ptr = _strided_members(layout, stride)[offset % stride]
+    if len(groups) == len(ptr) - 1:
+        return members
+    return np.concatenate([members[ptr[g]: ptr[g + 1]] for g in groups.tolist()])
 
 
 @functools.lru_cache(maxsize=8)
@@ -182,22 +187,33 @@ class HermesWindow(WindowRebalancer):
             if self.candidate_stride < 1:
                 raise ValueError(f"candidate_stride must be >= 1, got {self.candidate_stride}")
 
-    def _rebalance(self, window, groups, ids, home, A) -> BalanceMoves | None:
+    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
         p, ctx = self.params, self.ctx
+        groups = _imbalanced_groups(window, p.tolerance)
+        if len(groups) == 0 or ctx.n_dimms < 2:
+            return None
+        self._windows += 1
         load = np.ascontiguousarray(window.device_load[groups, 1:], dtype=np.float64)    # (G, J) Z_j per stage
+        counts = window.all_counts()
+        if counts is None:               # the candidates and their counts, from the toggles
+            ids, _, counts = _window_candidates(ctx, window, placement, groups, p.candidate_stride, self._windows)
+            by_id = False
+        else:                            # a replayed window: the kernel reads the (N,) counts
+            ids, by_id = _group_members(ctx.layout, groups, p.candidate_stride, self._windows), True
         neurons, dest = _algorithm1(load, groups.astype(np.int64), ctx.group_of, ctx.layout.n_groups,
-                                    np.asarray(ids, dtype=np.int64), np.asarray(home, dtype=np.int64),
-                                    np.asarray(A, dtype=np.int64), float(p.move_fraction), int(p.max_moves_per_stage))
+                                    np.asarray(ids, dtype=np.int64), counts, by_id, placement.on_gpu,
+                                    placement.home_dimm, float(p.move_fraction), int(p.max_moves_per_stage))
         return BalanceMoves(neurons, dest) if len(neurons) else None
 
 
 @kernel
-def _algorithm1(load, groups, group_of, n_groups, ids, home, A, move_fraction, max_moves):
+def _algorithm1(load, groups, group_of, n_groups, ids, counts, by_id, on_gpu, home_dimm, move_fraction, max_moves):
     """Hermes Algorithm 1 on the stages ``groups`` with (G, J) DIMM loads ``load``: in each stage
     the DIMM of load rank r (0 = busiest, ties by DIMM index) is paired with rank J-1-r, and for
-    r < J/2 its candidates (``ids`` on DIMM ``home`` with activation counts ``A``), most activated
-    first (ties: in the given order), move to the partner while what has moved stays within
-    ``move_fraction`` / 2 of the pair's load gap (at most ``max_moves`` per DIMM if > 0).
+    r < J/2 its candidates (the cold ``ids`` on it that fired: activation counts ``counts[id]``
+    with ``by_id``, else ``counts[k]`` for ``ids[k]``), most activated first (ties: in the given
+    order), move to the partner while what has moved stays within ``move_fraction`` / 2 of the
+    pair's load gap (at most ``max_moves`` per DIMM if > 0).
     Returns (neurons, destination DIMMs), by stage, DIMM, then count."""
     G, J = load.shape
     # per (stage, DIMM) cell: busy (rank < J/2), its partner, and the load it may shed
@@ -227,10 +243,15 @@ def _algorithm1(load, groups, group_of, n_groups, ids, home, A, move_fraction, m
     n = len(ids)
     cell = np.empty(n, np.int64)
     keep = np.empty(n, np.int64)
+    A = np.zeros(n, np.int64)
     m = 0
     a_max = 0
     for k in range(n):
-        c = position[group_of[ids[k]]] * J + home[k]
+        i = ids[k]
+        A[k] = counts[i] if by_id else counts[k]
+        if A[k] <= 0 or on_gpu[i]:
+            continue
+        c = position[group_of[i]] * J + home_dimm[i]
         if busy[c]:
             cell[m], keep[m] = c, k
             a_max = max(a_max, A[k])

@@ -163,10 +163,22 @@ def test_algorithm1_matches_argsort_version(seed, move_fraction, max_moves):
     ids = np.concatenate([np.arange(g * per_group, (g + 1) * per_group, 3) for g in groups]).astype(np.int64)
     home = rng.integers(0, J, len(ids)).astype(np.int64)
     A = rng.integers(1, 6, len(ids)).astype(np.int64)
-    got = balancer._algorithm1(load, groups, group_of, n_groups, ids, home, A, move_fraction, max_moves)
-    want = _algorithm1_by_numpy(load, groups, group_of, ids, home, A, move_fraction, max_moves)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
+    on_gpu = rng.random(n_groups * per_group) < 0.2
+    home_dimm = np.zeros(n_groups * per_group, dtype=np.int16)
+    home_dimm[ids] = home
+    A[on_gpu[ids]] = 4                                             # GPU neurons that fired: not candidates
+    A[rng.random(len(ids)) < 0.2] = 0                              # neurons that did not fire
+    cand = (A > 0) & ~on_gpu[ids]
+    want = _algorithm1_by_numpy(load, groups, group_of, ids[cand], home[cand], A[cand], move_fraction, max_moves)
+    by_position = balancer._algorithm1(load, groups, group_of, n_groups, ids, A, False, on_gpu, home_dimm,
+                                       move_fraction, max_moves)
+    counts = np.zeros(n_groups * per_group, dtype=np.uint8)        # a replayed window's (N,) counts
+    counts[ids] = A
+    by_id = balancer._algorithm1(load, groups, group_of, n_groups, ids, counts, True, on_gpu, home_dimm,
+                                 move_fraction, max_moves)
+    for got in (by_position, by_id):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_recount_moved_from_rows_matches_numpy():
