@@ -89,6 +89,10 @@ class Placement:
     home_dimm: np.ndarray
     #: what runs derive from a frozen placement (cell keys, per-DIMM bytes), computed once
     derived: dict = field(default_factory=dict, repr=False, compare=False)
+    #: hot/cold changes a run applied to ``on_gpu``, and the last one (the PartitionMoves object):
+    #: a policy that knows what its own last moves left can tell that nothing else changed since
+    hot_changes: int = field(default=0, repr=False, compare=False)
+    last_hot_change: Any = field(default=None, repr=False, compare=False)
 
     def freeze(self) -> "Placement":
         """Make the arrays read-only (a start state shared by many runs) and return self."""

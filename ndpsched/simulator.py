@@ -606,6 +606,8 @@ class DecodeRun:
             check_gpu_capacity(ctx, placement.on_gpu, who)
         # evicted neurons compute on their home DIMM (device home + 1), promoted ones on the GPU (0)
         self._rekey(moved, new_dev)
+        placement.hot_changes += 1
+        placement.last_hot_change = change
         self.pending_pcie += copied
         self.moves["promoted"] += len(promote)
         self.moves["evicted"] += len(evict)

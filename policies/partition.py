@@ -207,6 +207,8 @@ class HermesAdjust(HermesIlp):
         self._pool: _MaskPool | _MemoPool | None = None   # the last pool built (see _candidate_pool)
         self._hot: np.ndarray | None = None          # see _hot_ids
         self._hot_checked_at: int | None = None      # the window end _hot was last checked at
+        # (placement, its change count, its last change) under which _hot holds (see _hot_ids)
+        self._hot_mark: tuple | None = None
         self.promotions = 0
 
     def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
@@ -277,7 +279,7 @@ class HermesAdjust(HermesIlp):
                                           "window set" if from_token is not None else "window set from prompt")
             if window_set is not None:
                 self._pool = _MemoPool(window.t1, window_set, dense, leftover, placement.on_gpu,
-                                       self._hot_ids(placement.on_gpu, window.t1), self.ctx.group_of, layout.n_groups)
+                                       self._hot_ids(placement, window.t1), self.ctx.group_of, layout.n_groups)
                 return self._pool
         mask = carried if carried is not None else np.zeros(self.ctx.n_neurons, dtype=bool)
         for ids in turned_on:
@@ -316,23 +318,29 @@ class HermesAdjust(HermesIlp):
         last one) are in each FSM state at the window's end."""
         return self._candidate_pool(placement, window).cells.sum(axis=0)[::-1]
 
-    def _hot_ids(self, on_gpu: np.ndarray, t1: int) -> np.ndarray:
+    def _hot_ids(self, placement: Placement, t1: int) -> np.ndarray:
         """Ids of the GPU-resident neurons, by id: the set this policy's last moves left, if the
-        placement still has exactly it (a count and a gather, once per window end ``t1``: moves
-        are applied between windows, after the decision), else a scan."""
-        hot = self._hot
-        if self._hot_checked_at == t1 and hot is not None:
+        placement still has exactly it, else a scan. It does when the run applied exactly those
+        moves since (the placement counts the changes applied to it and keeps the last); else a
+        count and a gather check it, once per window end ``t1`` (moves come between windows)."""
+        hot, mark = self._hot, self._hot_mark
+        if hot is not None and (self._hot_checked_at == t1 or (
+                mark is not None and mark[0] is placement and placement.hot_changes == mark[1]
+                and placement.last_hot_change is mark[2])):
+            self._hot_checked_at = t1
             return hot
+        on_gpu = placement.on_gpu
         if hot is None or len(hot) != np.count_nonzero(on_gpu) or not on_gpu.take(hot).all():
             hot = self._hot = np.flatnonzero(on_gpu)
         self._hot_checked_at = t1
+        self._hot_mark = (placement, placement.hot_changes, placement.last_hot_change)
         return hot
 
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p = self.ctx, self.params
         pool = self._candidate_pool(placement, window)
         cells = pool.cells
-        hot = self._hot_ids(placement.on_gpu, window.t1)
+        hot = self._hot_ids(placement, window.t1)
         if len(hot) == 0 or not cells[:, :15 - p.hot_threshold].any():
             return None                      # nothing decided: the pool carries over
         pool.consumed = True
@@ -355,7 +363,10 @@ class HermesAdjust(HermesIlp):
         if len(promote) == 0:
             return None
         self.promotions += len(promote)
-        return PartitionMoves(promote, evict)
+        moves = PartitionMoves(promote, evict)
+        # the GPU set is self._hot once the run has applied exactly these moves
+        self._hot_mark = (placement, placement.hot_changes + 1, moves)
+        return moves
 
 
 @kernel

@@ -8,7 +8,7 @@ import pytest
 
 from ndpsched.config import RunConfig
 from ndpsched.policies import ilp
-from ndpsched.policy import Placement, WindowActivity
+from ndpsched.policy import PartitionMoves, Placement, WindowActivity
 from ndpsched.registry import registry
 from ndpsched.run import simulate
 
@@ -337,3 +337,28 @@ def test_hermes_adjust_decisions_match_a_by_hand_ranking(tiny_model, tiny_hw, ti
     for _ in range(3):                  # the second and third replay the first (memo pools)
         sim.run(seqs=[1], initial=start)
     assert sum(checked) > 5
+
+
+def test_hermes_adjust_sees_a_change_it_did_not_make(tiny_model, tiny_hw, tiny_trace):
+    """hermes.adjust trusts its own record of the GPU set only while the run applied exactly its
+    own moves since; a foreign change (another caller's apply_partition) makes it rescan."""
+    from .test_simulator import _sim
+
+    part = registry("partition").create("hermes.adjust", {})
+    hw, cost = _fast_gpu(tiny_hw)
+    sim = _sim(tiny_model, hw, tiny_trace, part, registry("balancer").create("hermes.window"), 1,
+               cost_params=cost, seqs=[1])
+    run = sim.start(seqs=[1])
+    swapped = 0
+    while not run.done:
+        run.next_window()
+        if run.done:
+            break
+        window, placement = run.last.activity, run.placement
+        assert np.array_equal(part._hot_ids(placement, window.t1), np.flatnonzero(placement.on_gpu))
+        run.apply_partition(part.update(window, placement))
+        hot, cold = np.flatnonzero(placement.on_gpu), np.flatnonzero(~placement.on_gpu)
+        if len(hot) and len(cold):                     # someone else swaps one pair
+            run.apply_partition(PartitionMoves(cold[:1], hot[-1:]), who="test")
+            swapped += 1
+    assert swapped > 3
