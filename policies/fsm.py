@@ -49,6 +49,14 @@ class SaturatingStates:
         s, firing, k = (low >> _ACTIVE_BITS)[:, None], (low & 1)[:, None] == 1, np.arange(2**self._k_bits)[None, :]
         table = np.where(firing, np.minimum(self.max_state, s + self.inc * k), np.maximum(0, s - self.dec * k))
         self._table = np.clip(table, 0, 255).astype(np.uint8).ravel()
+        self._table.flags.writeable = False
+
+    def copy(self) -> "SaturatingStates":
+        """An independent copy (its own state words; the lookup table is shared, read-only)."""
+        new = object.__new__(SaturatingStates)
+        new.__dict__.update(self.__dict__)
+        new.word = self.word.copy()
+        return new
 
     @staticmethod
     def pack(states: np.ndarray, active: np.ndarray, token: int) -> np.ndarray:

@@ -183,17 +183,23 @@ class HermesAdjust(HermesIlp):
     def start(self, active: np.ndarray, token: int) -> None:
         from .fsm import SaturatingStates, initial_states
 
-        ctx = self.ctx
-        # the states a batch starts from, kept per prefill profile: episodes on a pool of
-        # sequences start from a few profiles over and over (the simulator keeps each profile as
-        # one array per batch, so its identity names it; the entry holds the array to keep it so)
-        cache = self.__dict__.setdefault("_initial_states", {})
-        entry = cache.get(id(ctx.prefill_freqs))
-        if entry is None or entry[0] is not ctx.prefill_freqs:
+        ctx, p = self.ctx, self.params
+        # the state table and active ids a batch starts from, kept per prefill profile: episodes on
+        # a pool of sequences start from a few profiles over and over (the simulator keeps each
+        # profile as one array per batch, so its identity names it; the entry holds the array to
+        # keep it so) and, for it, per start token and active set (checked equal: one pass)
+        cache = self.__dict__.setdefault("_starts", {})
+        key = (id(ctx.prefill_freqs), token, p.state_inc, p.state_dec)
+        entry = cache.get(key)
+        if entry is None or entry[0] is not ctx.prefill_freqs or not np.array_equal(entry[1], active):
             if len(cache) >= 16:
                 cache.pop(next(iter(cache)))
-            entry = cache[id(ctx.prefill_freqs)] = (ctx.prefill_freqs, initial_states(ctx.prefill_freqs).astype(np.uint8))
-        self.states = SaturatingStates(entry[1], active, token, self.params.state_inc, self.params.state_dec)
+            fired = np.flatnonzero(active > 0)
+            fired.flags.writeable = False
+            states = SaturatingStates(initial_states(ctx.prefill_freqs).astype(np.uint8), active, token,
+                                      p.state_inc, p.state_dec)
+            entry = cache[key] = (ctx.prefill_freqs, active.copy(), states, fired)
+        self.states = entry[2].copy()
         # tokens observed since the state words were brought up to date (see _state_lookup)
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         # (token, (N,) states, window) when a replay memo answered and the words were left behind
@@ -201,7 +207,7 @@ class HermesAdjust(HermesIlp):
         # neurons that turned on since the last pool was built (first: the prompt's active set),
         # the first token they were observed at (None while the prompt's set is among them), and
         # the still-hot candidates the last decision had no room for
-        self._turned_on = [np.flatnonzero(active > 0)]
+        self._turned_on = [entry[3]]
         self._turned_on_from: int | None = None
         self._leftover = np.zeros(0, dtype=np.intp)
         self._pool: _MaskPool | _MemoPool | None = None   # the last pool built (see _candidate_pool)
