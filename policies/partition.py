@@ -285,7 +285,7 @@ class HermesAdjust(HermesIlp):
                                           "window set" if from_token is not None else "window set from prompt")
             if window_set is not None:
                 self._pool = _MemoPool(window.t1, window_set, dense, leftover, placement.on_gpu,
-                                       self._hot_ids(placement, window.t1), self.ctx.group_of, layout.n_groups)
+                                       self._hot_ids(placement, window.t1), layout.group_starts())
                 return self._pool
         mask = carried if carried is not None else np.zeros(self.ctx.n_neurons, dtype=bool)
         for ids in turned_on:
@@ -444,11 +444,19 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
                 n_left += 1
             r += 1
             i += 1
-    # the GPU set after the swaps: the kept ids merged with the sorted promoted ones
+    # the GPU set after the swaps: the kept ids merged with the promoted ones sorted (they come
+    # stage after stage, a few per stage: an insertion sort within each stage's run)
     gone = np.zeros(n_hot, np.bool_)
     for k in range(n_swap):
         gone[evicted_at[k]] = True
-    added = np.sort(promote[:n_swap])
+    added = promote[:n_swap].copy()
+    for k in range(1, n_swap):
+        v = added[k]
+        j = k
+        while j > 0 and added[j - 1] > v:
+            added[j] = added[j - 1]
+            j -= 1
+        added[j] = v
     new_hot = np.empty(n_hot, np.int64)
     a = n = 0
     for h in range(n_hot):
@@ -534,11 +542,12 @@ class _MemoPool:
     decision: O(GPU neurons + leftovers + what is ranked), none over all neurons."""
 
     def __init__(self, t1: int, window_set: _WindowSet, dense: np.ndarray, leftover: np.ndarray,
-                 on_gpu: np.ndarray, hot: np.ndarray, group_of: np.ndarray, n_stage: int) -> None:
+                 on_gpu: np.ndarray, hot: np.ndarray, group_starts: np.ndarray) -> None:
         self.t1, self.window_set, self.on_gpu, self.consumed = t1, window_set, on_gpu, False
+        n_stage = len(group_starts) - 1
         self.states = dense.take
         self.leftover, self.leftover_cell, cells = _memo_pool_cells(
-            window_set.bits, window_set.starts, hot, group_of, dense, leftover.astype(np.int64), on_gpu)
+            window_set.bits, window_set.starts, hot, group_starts, dense, leftover.astype(np.int64), on_gpu)
         self.cells = cells.reshape(n_stage, 16)
 
     def members(self) -> np.ndarray:
@@ -557,24 +566,39 @@ class _MemoPool:
 
 
 @kernel
-def _memo_pool_cells(bits, starts, hot, group_of, dense, leftover, on_gpu):
+def _memo_pool_cells(bits, starts, hot, group_starts, dense, leftover, on_gpu):
     """A replayed window's pool: (leftovers still candidates, their cells, (G * 16,) candidates per
     cell). Candidates are the window set (packed ``bits``, ``starts`` of its cell runs) less the
-    GPU neurons ``hot``, plus the leftovers that are cold and not in the set."""
+    GPU neurons ``hot`` (sorted: their stages come from ``group_starts``), plus the leftovers that
+    are cold and not in the set. The GPU neurons in the set are found first and their states
+    gathered in a loop of their own (the loads overlap)."""
     n_cells = len(starts) - 1
     cells = np.empty(n_cells, np.int64)
     for c in range(n_cells):
         cells[c] = starts[c + 1] - starts[c]
+    members = np.empty(len(hot), np.int64)
+    member_stage = np.empty(len(hot), np.int64)
+    m = 0
+    stage = 0
     for h in hot:
+        while h >= group_starts[stage + 1]:
+            stage += 1
         if (bits[h >> 3] >> (7 - (h & 7))) & 1:
-            cells[group_of[h] * 16 + 15 - dense[h]] -= 1
+            members[m], member_stage[m] = h, stage
+            m += 1
+    state = np.empty(m, np.int64)
+    for k in range(m):
+        state[k] = dense[members[k]]
+    for k in range(m):
+        cells[member_stage[k] * 16 + 15 - state[k]] -= 1
     kept = np.empty(len(leftover), np.int64)
     kept_cell = np.empty(len(leftover), np.int64)
     n = 0
     for i in leftover:
         if not on_gpu[i] and not (bits[i >> 3] >> (7 - (i & 7))) & 1:
+            stage = np.searchsorted(group_starts, i, side="right") - 1
             kept[n] = i
-            kept_cell[n] = group_of[i] * 16 + 15 - dense[i]
+            kept_cell[n] = stage * 16 + 15 - dense[i]
             cells[kept_cell[n]] += 1
             n += 1
     return kept[:n].copy(), kept_cell[:n].copy(), cells
