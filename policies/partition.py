@@ -388,12 +388,7 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
     # each stage's GPU neurons are a run of ``hot``; of those, the ones that can be paired (as many
     # as the stage has candidates, at most ``cap``) by (state, id): a counting sort that places
     # only the states below the needed one and the first ids of that state
-    e_first = np.empty(n_stage + 1, np.int64)
-    h = 0
-    for s in range(n_stage + 1):
-        while h < n_hot and hot[h] < group_starts[s]:
-            h += 1
-        e_first[s] = h
+    e_first = np.searchsorted(hot, group_starts)
     n_cand = np.zeros(n_stage, np.int64)
     for i in range(nc):
         n_cand[c_key[i] >> 4] += 1
