@@ -21,6 +21,7 @@ from gymnasium import spaces
 
 from ndpsched.config import PolicySpec, RunConfig
 from ndpsched.errors import ConfigError, unknown_name
+from ndpsched.presets import TINY_SPLIT
 from ndpsched.run import build_simulator, load_trace
 from ndpsched.simulator import DecodeRun, WindowOutcome
 
@@ -36,13 +37,10 @@ ENV_DEFAULTS: dict[str, Any] = {"model": "relullama-7b", "gpu": "rtx4090", "dimm
                                 "prompt_len": 128, "gen_len": 128, "window_tokens": 5, "trace": "skew",
                                 "trace_seqs": 4}
 #: named sets of defaults (``preset="tiny"``); explicit keyword arguments override them.
-#: 'tiny' is a toy for tests and examples, not a real machine: the tiny model on a 260 KB GPU
-#: with the GPU's per-stage overheads (kernel launch, sync) cut to 0.1 us, so that even its
-#: tiny layers split neurons between GPU and DIMMs and both scheduling roles have work to do
+#: 'tiny' is :data:`ndpsched.presets.TINY_SPLIT`, a toy for tests and examples, not a real machine
 ENV_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"model": "tiny", "gpu": "tiny-gpu", "dimms": 4, "prompt_len": 16, "gen_len": 40,
-             "trace_seqs": 6, "config": {"cost": {"sync_us": 0.1},
-                                         "hardware": {"gpu": {"kernel_overhead_us": 0.1}}}},
+    "tiny": {**{k: v for k, v in TINY_SPLIT.items() if k not in ("cost", "hardware")}, "trace_seqs": 6,
+             "config": {k: TINY_SPLIT[k] for k in ("cost", "hardware")}},
 }
 
 

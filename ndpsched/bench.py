@@ -5,14 +5,9 @@ import time
 from typing import Any
 
 from .config import RunConfig
-from .presets import load_model
+from .presets import TINY_SPLIT, load_model
 from .run import simulate
 from .tracegen import synthetic_trace
-
-
-#: the tiny model on a GPU so small, with its per-stage overheads cut, that its layers split
-#: neurons between GPU and DIMMs and every scheduling step runs (the envs' 'tiny' preset)
-_TINY_SPLIT = {"cost": {"sync_us": 0.1}, "hardware": {"gpu": {"kernel_overhead_us": 0.1}}}
 
 
 def run_bench(models: list[str], batches: list[int], prompt_len: int = 128, gen_len: int = 128,
@@ -35,8 +30,7 @@ def run_bench(models: list[str], batches: list[int], prompt_len: int = 128, gen_
     """
     t0 = time.perf_counter()
     for system in systems:
-        simulate(RunConfig.from_dict({"system": system, "model": "tiny", "gpu": "tiny-gpu", "dimms": 4, "prompt_len": 16,
-                                      "gen_len": 40, "seed": seed, **_TINY_SPLIT}))
+        simulate(RunConfig.from_dict({**TINY_SPLIT, "system": system, "seed": seed}))
     warmup_s = time.perf_counter() - t0
     rows = []
     for name in models:

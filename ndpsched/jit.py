@@ -5,7 +5,7 @@ sequential: Hermes' online promotion pairs each stage's best candidates with its
 GPU neurons, and a window's moved neurons re-count their toggles. In numpy each of them is a
 chain of sorts, gathers and bincounts over 10-100 thousand ids, about 20 array passes of 10-150 us
 each; a compiled loop does one pass. Measured on relullama-7b with 8 DIMMs, they were most of an
-env step (see docs/envs.md).
+env step (README, Architecture: compiled loops).
 
 :func:`kernel` compiles a plain Python function with ``numba.njit`` on its first call (numba is
 imported then, not when ndpsched is), caching the machine code next to the source (``cache``)

@@ -23,6 +23,13 @@ DEFAULT_HOST = "i9-13900k"
 DEFAULT_DISK = "nvme-gen4"
 DEFAULT_N_DIMMS = 8  # Hermes Table II: 8 NDP-DIMMs
 
+#: a toy machine (RunConfig keys) for tests, examples and warm-ups, not a real one: the tiny
+#: model on a 260 KB GPU with the GPU's per-stage overheads (kernel launch, sync) cut to 0.1 us,
+#: so that even its tiny layers split neurons between GPU and DIMMs and every scheduling step
+#: has work (the envs' 'tiny' preset; ``ndpsched bench`` warms the compiled loops up on it)
+TINY_SPLIT: dict[str, Any] = {"model": "tiny", "gpu": "tiny-gpu", "dimms": 4, "prompt_len": 16, "gen_len": 40,
+                              "cost": {"sync_us": 0.1}, "hardware": {"gpu": {"kernel_overhead_us": 0.1}}}
+
 
 @functools.lru_cache(maxsize=None)
 def _load_yaml(filename: str) -> dict[str, Any]:

@@ -641,11 +641,10 @@ class DecodeRun:
         if self.dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
             check_dimm_capacity(ctx, placement.home_dimm, who)   # names the DIMM
         self._rekey(cold, cold_dev)
-        idx = idx[:n_real]                       # (only its length is used below)
-        self.moves["remapped"] += len(idx)
+        self.moves["remapped"] += n_real
         if not change.priced:                    # a bound's free moves (see BalanceMoves)
-            self.decision["remapped"] += len(idx)
-            return {"remapped": len(idx), "dimm_link_bytes": 0.0}
+            self.decision["remapped"] += n_real
+            return {"remapped": n_real, "dimm_link_bytes": 0.0}
         # DIMM-link time per layer: the busiest DIMM port (sent or received bytes) bounds it
         port = np.maximum(sent, recv).max(axis=1)
         cost = self.sim.cost
@@ -661,15 +660,14 @@ class DecodeRun:
         if not len(idx):
             return
         packed = self._active_packed                  # a replayed window: read its bits in place
-        active = self._active if packed is None else self._active[:0]
+        none = np.zeros(0, dtype=np.uint8)            # (for the arrays a call does not read)
         track = self.whole_window
-        moved = self.moved if track else np.zeros(0, dtype=bool)
-        moved_bits = self.moved_bits if track else np.zeros(0, dtype=np.uint8)
-        base_key = self.base_key if track else self.key_of[:0]
         n_new = _rekey_counts(np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64),
-                                      self.key_of, self.ctx.group_of, self.n_dev, packed is not None,
-                                      packed if packed is not None else active[:0], active,
-                                      self.total, self.union, self.sim.batch > 1, track, base_key, moved, moved_bits)
+                              self.key_of, self.ctx.group_of, self.n_dev, packed is not None,
+                              none if packed is None else packed, self._active if packed is None else none,
+                              self.total, self.union, self.sim.batch > 1, track,
+                              self.base_key if track else self.key_of[:0],
+                              self.moved if track else none.view(bool), self.moved_bits if track else none)
         if track:
             self.n_moved += n_new
 

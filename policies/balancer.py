@@ -142,6 +142,11 @@ class WindowRebalancer(BalancerPolicy):
         if len(groups) == 0 or self.ctx.n_dimms < 2:
             return None
         self._windows += 1
+        return self._rebalance_groups(window, placement, groups)
+
+    def _rebalance_groups(self, window: WindowActivity, placement: Placement, groups: np.ndarray) -> BalanceMoves | None:
+        """The moves for the imbalanced stages ``groups``: by default :meth:`_rebalance` on their
+        cold neurons that fired in the window."""
         stride = getattr(self.params, "candidate_stride", 1)
         ids, home, A = _window_candidates(self.ctx, window, placement, groups, stride, self._windows)
         return self._rebalance(window, groups, ids, home, A)
@@ -187,12 +192,8 @@ class HermesWindow(WindowRebalancer):
             if self.candidate_stride < 1:
                 raise ValueError(f"candidate_stride must be >= 1, got {self.candidate_stride}")
 
-    def _update(self, window: WindowActivity, placement: Placement) -> BalanceMoves | None:
+    def _rebalance_groups(self, window: WindowActivity, placement: Placement, groups: np.ndarray) -> BalanceMoves | None:
         p, ctx = self.params, self.ctx
-        groups = _imbalanced_groups(window, p.tolerance)
-        if len(groups) == 0 or ctx.n_dimms < 2:
-            return None
-        self._windows += 1
         load = np.ascontiguousarray(window.device_load[groups, 1:], dtype=np.float64)    # (G, J) Z_j per stage
         counts = window.all_counts()
         if counts is None:               # the candidates and their counts, from the toggles
