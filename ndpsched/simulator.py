@@ -353,9 +353,15 @@ class DecodeRun:
             # each window then only corrects the toggles of neurons moved since the start
             self.base_key = derived[1]
             # the neurons moved away from their start key at some point of the run (one that came
-            # back stays listed: its recount adds and takes the same toggles from one cell)
-            self.moved = np.zeros(sim.layout.n_neurons, dtype=bool)
-            self.moved_bits = np.zeros((sim.layout.n_neurons + 7) // 8, dtype=np.uint8)   # packed, as np.packbits
+            # back stays listed, and is skipped while it is back): ``moved`` marks them, the first
+            # ``n_moved`` slots of the list hold them with their key now and their start key (a
+            # window's recount reads the list in order instead of gathering from (N,) arrays)
+            N = sim.layout.n_neurons
+            self.moved = np.zeros(N, dtype=bool)
+            self.moved_slot = np.empty(N, dtype=np.int32)          # valid where ``moved``
+            self.moved_ids = np.empty(N, dtype=np.int32)
+            self.moved_key = np.empty(N, dtype=self.key_of.dtype)
+            self.moved_base = np.empty(N, dtype=self.key_of.dtype)
             self.n_moved = 0
             self.base_deltas = sim.base_deltas(self.seqs[0], self.base_key, self._placement_tag)
         # replayed sequences read their active sets instead of scattering every toggle
@@ -547,8 +553,8 @@ class DecodeRun:
             # a moved neuron's toggles are the steps where its activity changes over the window;
             # the window's changed bits (N / 8 bytes, kept by the replay) skip the moved neurons
             # that do not toggle in it (about 60 % of them under hermes.adjust)
-            _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_bits,
-                                     self.key_of, self.base_key, self.K)
+            _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_ids,
+                                     self.moved_key, self.moved_base, self.n_moved, self.K)
         steps = np.cumsum(deltas, axis=0) + self.total
         self.total_buf[:n] = steps
         self.total[:] = steps[-1]
@@ -662,14 +668,15 @@ class DecodeRun:
         packed = self._active_packed                  # a replayed window: read its bits in place
         none = np.zeros(0, dtype=np.uint8)            # (for the arrays a call does not read)
         track = self.whole_window
-        n_new = _rekey_counts(np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64),
-                              self.key_of, self.ctx.group_of, self.n_dev, packed is not None,
-                              none if packed is None else packed, self._active if packed is None else none,
-                              self.total, self.union, self.sim.batch > 1, track,
-                              self.base_key if track else self.key_of[:0],
-                              self.moved if track else none.view(bool), self.moved_bits if track else none)
+        keys, slots = self.key_of[:0], np.zeros(0, dtype=np.int32)     # (for a run that does not track)
+        n_moved = _rekey_counts(
+            np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64), self.key_of, self.ctx.group_of,
+            self.n_dev, packed is not None, none if packed is None else packed, self._active if packed is None else none,
+            self.total, self.union, self.sim.batch > 1, track,
+            *((self.base_key, self.moved, self.moved_slot, self.moved_ids, self.moved_key, self.moved_base, self.n_moved)
+              if track else (keys, none.view(bool), slots, slots, keys, keys, 0)))
         if track:
-            self.n_moved += n_new
+            self.n_moved = n_moved
 
     # ---- summary -------------------------------------------------------------------------------------
     def result(self) -> SimResult:
@@ -709,39 +716,26 @@ def _is_online(policy, base: type) -> bool:
     return type(policy)._update is not base._update
 
 
-#: position (0 = least significant) of the lowest set bit of every byte value
-_LOWEST_BIT = np.array([0] + [(v & -v).bit_length() - 1 for v in range(1, 256)], dtype=np.int64)
-
-
 @kernel
-def _recount_moved_from_rows(flat_deltas, rows, changed, moved_bits, key_of, base_key, K):
-    """Re-count the window's toggles of moved neurons (packed ``moved_bits``): the (n, K) base
-    deltas (``flat_deltas``, flat) counted them under their initial keys ``base_key``, they belong
-    to ``key_of``. ``rows``: the (n + 1, N / 8) packed active sets t0 - 1 .. t1 - 1; ``changed``:
-    the packed neurons whose activity changes in the window.
+def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, moved_key, moved_base, n_moved, K):
+    """Re-count the window's toggles of the moved neurons (the first ``n_moved`` of ``moved_ids``,
+    with their keys now ``moved_key`` and at the start ``moved_base``): the (n, K) base deltas
+    (``flat_deltas``, flat) counted them under their start keys, they belong to their keys now.
+    ``rows``: the (n + 1, N / 8) packed active sets t0 - 1 .. t1 - 1; ``changed``: the packed
+    neurons whose activity changes in the window.
 
-    Three passes: the packed bytes (N / 8, in address order) give the moved neurons that toggle,
-    then their two keys are gathered, then their toggles counted. Gathering the keys in a loop of
-    their own lets the loads of these neuron-sized arrays overlap (1.6x faster than reading them
-    inside the counting loop)."""
+    Two passes: the list (in order, branch free) gives the moved neurons away from their start
+    key that toggle, then their toggles are counted."""
     n = rows.shape[0] - 1
-    ids = np.empty(len(changed) * 8, np.int64)
+    ids = np.empty(n_moved, np.int64)
+    new = np.empty(n_moved, np.int64)
+    old = np.empty(n_moved, np.int64)
     m = 0
-    for byte in range(len(changed)):
-        both = np.int64(changed[byte] & moved_bits[byte])
-        while both:
-            ids[m] = byte * 8 + 7 - _LOWEST_BIT[both]
-            both &= both - 1
-            m += 1
-    new = np.empty(m, np.int64)
-    old = np.empty(m, np.int64)
+    for j in range(n_moved):
+        i = moved_ids[j]
+        ids[m], new[m], old[m] = i, moved_key[j], moved_base[j]
+        m += ((changed[i >> 3] >> (7 - (i & 7))) & 1) & (moved_key[j] != moved_base[j])
     for k in range(m):
-        new[k] = key_of[ids[k]]
-    for k in range(m):
-        old[k] = base_key[ids[k]]
-    for k in range(m):
-        if new[k] == old[k]:                    # moved back: its toggles are where they were counted
-            continue
         byte, shift = ids[k] >> 3, 7 - (ids[k] & 7)
         before = np.int64((rows[0, byte] >> shift) & 1)
         for t in range(n):
@@ -754,13 +748,13 @@ def _recount_moved_from_rows(flat_deltas, rows, changed, moved_bits, key_of, bas
 
 @kernel
 def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, active, total, union, batched,
-                  track, base_key, moved, moved_bits):
+                  track, base_key, moved, moved_slot, moved_ids, moved_key, moved_base, n_moved):
     """Move neurons ``idx`` to devices ``new_dev``: their active counts (from the packed bits or the
     (N,) batch counts ``active``) leave their old (group, device) cells of ``total`` (and, with
-    ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, ``moved``
-    (and its packed copy ``moved_bits``) marks the neurons that left their initial keys
-    ``base_key`` (and stays set if they come back). Returns how many were newly marked."""
-    n_new = 0
+    ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, a neuron
+    that leaves its start key ``base_key`` for the first time is marked in ``moved`` and appended
+    to the list (``moved_ids``, ``moved_key``, ``moved_base``; ``moved_slot`` its place), a listed
+    one has its key updated there. Returns the new length of the list."""
     for k in range(len(idx)):
         i = idx[k]
         old = key_of[i]
@@ -773,11 +767,15 @@ def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, act
                 union[old] -= 1
                 union[new] += 1
         key_of[i] = new
-        if track and not moved[i] and new != base_key[i]:
-            moved[i] = True
-            moved_bits[i >> 3] |= 1 << (7 - (i & 7))
-            n_new += 1
-    return n_new
+        if track:
+            if moved[i]:
+                moved_key[moved_slot[i]] = new
+            elif new != base_key[i]:
+                moved[i] = True
+                moved_slot[i] = n_moved
+                moved_ids[n_moved], moved_key[n_moved], moved_base[n_moved] = i, new, base_key[i]
+                n_moved += 1
+    return n_moved
 
 
 @kernel

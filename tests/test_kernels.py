@@ -192,7 +192,11 @@ def test_recount_moved_from_rows_matches_numpy():
     moved = rng.random(n) < 0.25
     key_of[moved] = rng.integers(0, K, moved.sum())                 # some land on their old key
     got = np.zeros(n_tokens * K, dtype=np.int64)
-    simulator._recount_moved_from_rows(got, rows, changed, np.packbits(moved), key_of, base_key, K)
+    listed = rng.permutation(np.flatnonzero(moved))               # the list is in order of first move
+    pad = np.full(5, -1, dtype=np.int32)                          # slots past n_moved are not read
+    simulator._recount_moved_from_rows(got, rows, changed, np.concatenate([listed.astype(np.int32), pad]),
+                                       np.concatenate([key_of[listed], pad.astype(np.int16)]),
+                                       np.concatenate([base_key[listed], pad.astype(np.int16)]), len(listed), K)
 
     ids = np.flatnonzero(moved)
     step = np.diff(SequenceReplay.active_of(rows, ids).view(np.int8).astype(np.int64), axis=0)   # (n_tokens, m)
@@ -203,27 +207,35 @@ def test_recount_moved_from_rows_matches_numpy():
     np.testing.assert_array_equal(got.reshape(n_tokens, K), want)
 
 
-def test_rekey_counts_moves_counts_and_marks_moved_neurons():
+def test_rekey_counts_moves_counts_and_lists_moved_neurons():
     n, n_dev = 64, 3
     group_of = (np.arange(n) // 16).astype(np.int32)
     base_key = (group_of * n_dev + 1).astype(np.int16)            # every neuron starts on device 1
     key_of = base_key.copy()
     active = (np.arange(n) % 2).astype(np.uint8)                   # odd ids fire
     total = np.bincount(key_of, weights=active, minlength=4 * n_dev).astype(np.int64)
-    moved, moved_bits = np.zeros(n, dtype=bool), np.zeros(n // 8, dtype=np.uint8)
-    idx = np.array([1, 2, 17, 33], dtype=np.int64)
-    new_dev = np.array([0, 2, 2, 1], dtype=np.int64)               # 33 stays where it started
-    n_new = simulator._rekey_counts(idx, new_dev, key_of, group_of, n_dev, False, active[:0], active, total,
-                                    total, False, True, base_key, moved, moved_bits)
-    assert n_new == 3
+    moved, slot = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int32)
+    ids, keys, base = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int16)
+    listed = (moved, slot, ids, keys, base)
+
+    def rekey(idx, dev, n_moved, packed=False):
+        return simulator._rekey_counts(np.array(idx, dtype=np.int64), np.array(dev, dtype=np.int64), key_of,
+                                       group_of, n_dev, packed, np.packbits(active) if packed else active[:0],
+                                       active[:0] if packed else active, total, total, False, True, base_key,
+                                       *listed, n_moved)
+
+    n_moved = rekey([1, 2, 17, 33], [0, 2, 2, 1], 0)              # 33 stays where it started
+    assert n_moved == 3
     np.testing.assert_array_equal(np.flatnonzero(moved), [1, 2, 17])
-    np.testing.assert_array_equal(np.flatnonzero(np.unpackbits(moved_bits)), [1, 2, 17])
+    np.testing.assert_array_equal(ids[:3], [1, 2, 17])
+    np.testing.assert_array_equal(keys[:3], key_of[[1, 2, 17]])
+    np.testing.assert_array_equal(base[:3], base_key[[1, 2, 17]])
+    np.testing.assert_array_equal(slot[[1, 2, 17]], [0, 1, 2])
     np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
-    # back home: the counts follow, the neuron stays marked (its recount then cancels out)
-    n_new = simulator._rekey_counts(np.array([1], dtype=np.int64), np.array([1], dtype=np.int64), key_of, group_of,
-                                    n_dev, True, np.packbits(active), active[:0], total, total, False, True,
-                                    base_key, moved, moved_bits)
-    assert n_new == 0 and moved[1] and key_of[1] == base_key[1]
+    # back home, and on again: the counts follow, the neuron stays listed in its slot with its key now
+    n_moved = rekey([1, 40], [1, 0], n_moved, packed=True)
+    assert n_moved == 4 and moved[1] and key_of[1] == base_key[1] and keys[0] == base_key[1]
+    assert ids[3] == 40 and keys[3] == key_of[40] == group_of[40] * n_dev
     np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
 
 
