@@ -13,6 +13,7 @@ when they fit.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -49,8 +50,13 @@ class SchedContext:
     layer_parents: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        self.group_of, self.layer_of, self.kind_of, self.neuron_bytes = _neuron_tables(
+        self.group_of, self.layer_of, self.kind_of, self.neuron_bytes, self.group_blocks = _neuron_tables(
             self.layout, tuple(float(b) for b in self.model.neuron_bytes))
+        #: neuron i's group is ``group_blocks[i >> group_shift]`` (compiled loops read this small
+        #: table, which stays in cache, instead of the (N,) arrays: a cache miss per neuron)
+        self.group_shift = _block_shift(self.layout)
+        #: (2,) float64 bytes of a QKV and of an FFN neuron (``neuron_bytes`` is kind_bytes[kind_of])
+        self.kind_bytes = np.asarray(self.model.neuron_bytes, dtype=np.float64)
 
     @property
     def n_neurons(self) -> int:
@@ -70,10 +76,18 @@ def _neuron_tables(layout: NeuronLayout, neuron_bytes: tuple[float, float]):
     of a layout: the same for every run of a model, so computed once (read-only arrays)."""
     group_of = layout.group_of()
     kind_of = (group_of % 2).astype(np.int8)
-    tables = (group_of, group_of // 2, kind_of, np.asarray(neuron_bytes, dtype=np.float64)[kind_of])
+    tables = (group_of, group_of // 2, kind_of, np.asarray(neuron_bytes, dtype=np.float64)[kind_of],
+              np.ascontiguousarray(group_of[:: 1 << _block_shift(layout)]))
     for array in tables:
         array.flags.writeable = False
     return tables
+
+
+def _block_shift(layout: NeuronLayout) -> int:
+    """log2 of the largest power-of-two block of ids (at most 4096) that never straddles two
+    groups: every group starts at a multiple of it (d_qkv and d_ffn are multiples)."""
+    common = math.gcd(layout.d_qkv, layout.d_ffn)
+    return min((common & -common).bit_length() - 1, 12)
 
 
 @dataclass

@@ -605,7 +605,8 @@ class DecodeRun:
         _check_ids(moved, ctx.n_neurons, who, self._id_bits)
         # (one compiled pass: checks both lists against the GPU set, then flips them)
         problem, delta, new_dev, copied = _swap_gpu_copies(promote, evict, placement.on_gpu, placement.home_dimm,
-                                                           ctx.neuron_bytes, ctx.layer_of, ctx.model.n_layers)
+                                                           ctx.group_blocks, ctx.group_shift, ctx.kind_bytes,
+                                                           ctx.model.n_layers)
         if problem:
             raise ConfigError(f"{who} promoted a neuron already on the GPU or evicted one that is not")
         if delta > 0:   # a swap of equal sizes cannot overflow; only a net growth is checked
@@ -641,7 +642,8 @@ class DecodeRun:
         # and received, and the cold movers' new devices
         sent, recv = np.zeros((L, J)), np.zeros((L, J))
         n_real, moved_bytes, cold, cold_dev = _remap_homes(idx, dest, placement.home_dimm, placement.on_gpu,
-                                                           ctx.neuron_bytes, ctx.layer_of, self.dimm_bytes, sent, recv)
+                                                           ctx.group_blocks, ctx.group_shift, ctx.kind_bytes,
+                                                           self.dimm_bytes, sent, recv)
         if n_real < 0:
             raise ConfigError(f"{who} returned destinations outside DIMMs 0..{ctx.n_dimms - 1}")
         if self.dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
@@ -670,8 +672,8 @@ class DecodeRun:
         track = self.whole_window
         keys, slots = self.key_of[:0], np.zeros(0, dtype=np.int32)     # (for a run that does not track)
         n_moved = _rekey_counts(
-            np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64), self.key_of, self.ctx.group_of,
-            self.n_dev, packed is not None, none if packed is None else packed, self._active if packed is None else none,
+            np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64), self.key_of, self.ctx.group_blocks,
+            self.ctx.group_shift, self.n_dev, packed is not None, none if packed is None else packed, self._active if packed is None else none,
             self.total, self.union, self.sim.batch > 1, track,
             *((self.base_key, self.moved, self.moved_slot, self.moved_ids, self.moved_key, self.moved_base, self.n_moved)
               if track else (keys, none.view(bool), slots, slots, keys, keys, 0)))
@@ -747,7 +749,7 @@ def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, moved_key, m
 
 
 @kernel
-def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, active, total, union, batched,
+def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_packed, packed, active, total, union, batched,
                   track, base_key, moved, moved_slot, moved_ids, moved_key, moved_base, n_moved):
     """Move neurons ``idx`` to devices ``new_dev``: their active counts (from the packed bits or the
     (N,) batch counts ``active``) leave their old (group, device) cells of ``total`` (and, with
@@ -758,7 +760,7 @@ def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, act
     for k in range(len(idx)):
         i = idx[k]
         old = key_of[i]
-        new = group_of[i] * n_dev + new_dev[k]
+        new = group_blocks[i >> group_shift] * n_dev + new_dev[k]
         w = (packed[i >> 3] >> (7 - (i & 7))) & 1 if use_packed else active[i]
         if w:
             total[old] -= w
@@ -779,7 +781,7 @@ def _rekey_counts(idx, new_dev, key_of, group_of, n_dev, use_packed, packed, act
 
 
 @kernel
-def _swap_gpu_copies(promote, evict, on_gpu, home_dimm, neuron_bytes, layer_of, n_layers):
+def _swap_gpu_copies(promote, evict, on_gpu, home_dimm, group_blocks, group_shift, kind_bytes, n_layers):
     """Check a hot/cold change (every ``promote`` off the GPU, every ``evict`` on it) and, if it
     holds, apply it to ``on_gpu``. Returns (1 if it does not hold else 0, promoted minus evicted
     bytes, the movers' new devices (evicted: home DIMM + 1, promoted: 0, evicted first), bytes
@@ -796,17 +798,18 @@ def _swap_gpu_copies(promote, evict, on_gpu, home_dimm, neuron_bytes, layer_of, 
     for k in range(len(evict)):
         i = evict[k]
         on_gpu[i] = False
-        delta -= neuron_bytes[i]
+        delta -= kind_bytes[group_blocks[i >> group_shift] & 1]
         new_dev[k] = home_dimm[i] + 1
     for i in promote:
         on_gpu[i] = True
-        delta += neuron_bytes[i]
-        copied[layer_of[i]] += neuron_bytes[i]
+        group = group_blocks[i >> group_shift]
+        delta += kind_bytes[group & 1]
+        copied[group >> 1] += kind_bytes[group & 1]
     return 0, delta, new_dev, copied
 
 
 @kernel
-def _remap_homes(idx, dest, home_dimm, on_gpu, neuron_bytes, layer_of, dimm_bytes, sent, recv):
+def _remap_homes(idx, dest, home_dimm, on_gpu, group_blocks, group_shift, kind_bytes, dimm_bytes, sent, recv):
     """Apply a DIMM remap: neuron ``idx[k]`` gets home ``dest[k]``. The real moves (destination not
     the home) are compacted to the front of ``idx``; ``dimm_bytes`` (J,) and ``sent`` / ``recv``
     (L, J) bytes per layer and DIMM port are updated. Returns (real moves, or -1 with nothing
@@ -826,11 +829,12 @@ def _remap_homes(idx, dest, home_dimm, on_gpu, neuron_bytes, layer_of, dimm_byte
         if src == d:
             continue
         home_dimm[i] = d
-        b = neuron_bytes[i]
+        group = group_blocks[i >> group_shift]
+        b = kind_bytes[group & 1]
         dimm_bytes[d] += b
         dimm_bytes[src] -= b
-        sent[layer_of[i], src] += b
-        recv[layer_of[i], d] += b
+        sent[group >> 1, src] += b
+        recv[group >> 1, d] += b
         total += b
         idx[n_real] = i
         n_real += 1

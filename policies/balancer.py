@@ -201,14 +201,14 @@ class HermesWindow(WindowRebalancer):
             by_id = False
         else:                            # a replayed window: the kernel reads the (N,) counts
             ids, by_id = _group_members(ctx.layout, groups, p.candidate_stride, self._windows), True
-        neurons, dest = _algorithm1(load, groups.astype(np.int64), ctx.group_of, ctx.layout.n_groups,
+        neurons, dest = _algorithm1(load, groups.astype(np.int64), ctx.group_blocks, ctx.group_shift, ctx.layout.n_groups,
                                     np.asarray(ids, dtype=np.int64), counts, by_id, placement.on_gpu,
                                     placement.home_dimm, float(p.move_fraction), int(p.max_moves_per_stage))
         return BalanceMoves(neurons, dest) if len(neurons) else None
 
 
 @kernel
-def _algorithm1(load, groups, group_of, n_groups, ids, counts, by_id, on_gpu, home_dimm, move_fraction, max_moves):
+def _algorithm1(load, groups, group_blocks, group_shift, n_groups, ids, counts, by_id, on_gpu, home_dimm, move_fraction, max_moves):
     """Hermes Algorithm 1 on the stages ``groups`` with (G, J) DIMM loads ``load``: in each stage
     the DIMM of load rank r (0 = busiest, ties by DIMM index) is paired with rank J-1-r, and for
     r < J/2 its candidates (the cold ``ids`` on it that fired: activation counts ``counts[id]``
@@ -252,7 +252,7 @@ def _algorithm1(load, groups, group_of, n_groups, ids, counts, by_id, on_gpu, ho
         A[k] = counts[i] if by_id else counts[k]
         if A[k] <= 0 or on_gpu[i]:
             continue
-        c = position[group_of[i]] * J + home_dimm[i]
+        c = position[group_blocks[i >> group_shift]] * J + home_dimm[i]
         if busy[c]:
             cell[m], keep[m] = c, k
             a_max = max(a_max, A[k])

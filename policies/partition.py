@@ -363,7 +363,8 @@ class HermesAdjust(HermesIlp):
         # each stage's candidates meet its GPU neurons by lowest state first (ties by id): a
         # candidate with a higher state than its partner swaps with it (one compiled pass)
         promote, evict, self._leftover, self._hot = _pair_swaps(
-            np.asarray(cand, dtype=np.int64), np.asarray(c_key, dtype=np.int64), hot, pool.states(hot), ctx.layout.group_starts(),
+            np.asarray(cand, dtype=np.int64), np.asarray(c_key, dtype=np.int64), hot,
+            pool.hot_state if getattr(pool, "hot", None) is hot else pool.states(hot), ctx.layout.group_starts(),
             cap if cap is not None else np.zeros(n_stage, dtype=np.int64), cap is not None)
         self._hot_checked_at = None                  # the moves are not applied yet
         if len(promote) == 0:
@@ -385,65 +386,76 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
 
     Returns (promoted ids, evicted ids (pairwise), leftover ids, the GPU set after the swaps by id)."""
     n_stage, n_hot, nc = len(group_starts) - 1, len(hot), len(cand)
-    # each stage's GPU neurons are a run of ``hot``; of those, the ones that can be paired (as many
-    # as the stage has candidates, at most ``cap``) by (state, id): a counting sort that places
-    # only the states below the needed one and the first ids of that state
-    e_first = np.searchsorted(hot, group_starts)
-    n_cand = np.zeros(n_stage, np.int64)
+    e_first = np.searchsorted(hot, group_starts)       # each stage's GPU neurons are a run of ``hot``
+    c_first = np.zeros(n_stage + 1, np.int64)          # and its candidates a run of ``cand``
     for i in range(nc):
-        n_cand[c_key[i] >> 4] += 1
-    e_order = np.empty(n_hot, np.int64)
-    count = np.empty(17, np.int64)
+        c_first[(c_key[i] >> 4) + 1] += 1
     for s in range(n_stage):
-        a, b = e_first[s], e_first[s + 1]
-        need = min(b - a, n_cand[s])
-        if has_cap:
-            need = min(need, cap[s])
-        if need <= 0:
-            continue
-        count[:] = 0
-        for i in range(a, b):
-            count[hot_state[i] + 1] += 1
-        for v in range(16):
-            count[v + 1] += count[v]
-        last = 0                                   # the highest state needed
-        while count[last + 1] < need:
-            last += 1
-        for i in range(a, b):
-            v = hot_state[i]
-            if v <= last and count[v] < need:
-                e_order[a + count[v]] = i
-                count[v] += 1
+        c_first[s + 1] += c_first[s]
+    e_order = np.empty(n_hot, np.int64)
+    count = np.empty(4 * 17, np.int64)
     promote = np.empty(nc, np.int64)
     evicted_at = np.empty(nc, np.int64)
     leftover = np.empty(nc, np.int64)
     n_swap = n_left = 0
-    i = 0
-    while i < nc:
-        s = c_key[i] >> 4
-        n_paired = e_first[s + 1] - e_first[s]
+    for s in range(n_stage):
+        a, b, c0, c1 = e_first[s], e_first[s + 1], c_first[s], c_first[s + 1]
+        n_paired = min(b - a, c1 - c0)
         if has_cap:
             n_paired = min(n_paired, cap[s])
-        r = 0
-        while i < nc and c_key[i] >> 4 == s:
-            swapped = False
-            if r < n_paired:
-                e = e_order[e_first[s] + r]
-                if 15 - (c_key[i] & 15) > hot_state[e]:
-                    promote[n_swap] = cand[i]
-                    evicted_at[n_swap] = e
-                    n_swap += 1
-                    swapped = True
-            if not swapped and (not has_cap or r < 3 * cap[s]):
-                leftover[n_left] = cand[i]
-                n_left += 1
-            r += 1
-            i += 1
-    # the GPU set after the swaps: the kept ids merged with the promoted ones sorted (they come
-    # stage after stage, a few per stage: an insertion sort within each stage's run)
-    gone = np.zeros(n_hot, np.bool_)
+        k = 0                                          # the stage's candidates swapped
+        if n_paired > 0:
+            # its n_paired lowest (state, id) GPU neurons, by a counting sort that places only the
+            # states below the highest one needed and the first ids of that one. Most GPU neurons
+            # share one state: four interleaved histograms, so that an increment does not wait for
+            # the last one's store
+            count[:] = 0
+            i = a
+            while i + 4 <= b:
+                count[hot_state[i] + 1] += 1
+                count[17 + hot_state[i + 1] + 1] += 1
+                count[34 + hot_state[i + 2] + 1] += 1
+                count[51 + hot_state[i + 3] + 1] += 1
+                i += 4
+            while i < b:
+                count[hot_state[i] + 1] += 1
+                i += 1
+            for v in range(1, 17):
+                count[v] += count[17 + v] + count[34 + v] + count[51 + v]
+            for v in range(16):
+                count[v + 1] += count[v]
+            last = 0                                   # the highest state needed
+            while count[last + 1] < n_paired:
+                last += 1
+            for i in range(a, b):
+                v = hot_state[i]
+                if v <= last and count[v] < n_paired:
+                    e_order[a + count[v]] = i
+                    count[v] += 1
+            # candidates by decreasing state meet partners by increasing state: after the first
+            # pair that does not swap, none does
+            while k < n_paired:
+                e = e_order[a + k]
+                if 15 - (c_key[c0 + k] & 15) <= hot_state[e]:
+                    break
+                promote[n_swap] = cand[c0 + k]
+                evicted_at[n_swap] = e
+                n_swap += 1
+                k += 1
+        end = min(c1, c0 + 3 * cap[s]) if has_cap else c1
+        for i in range(c0 + k, end):
+            leftover[n_left] = cand[i]
+            n_left += 1
+    # the GPU set after the swaps: the kept ids (a branch-free compaction) with the promoted ones
+    # (a few per stage: an insertion sort within each stage's run) inserted by binary search
+    gone = np.zeros(n_hot, np.uint8)
     for k in range(n_swap):
-        gone[evicted_at[k]] = True
+        gone[evicted_at[k]] = 1
+    kept = np.empty(n_hot, np.int64)
+    n_kept = 0
+    for h in range(n_hot):
+        kept[n_kept] = hot[h]
+        n_kept += 1 - gone[h]
     added = promote[:n_swap].copy()
     for k in range(1, n_swap):
         v = added[k]
@@ -452,22 +464,22 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
             added[j] = added[j - 1]
             j -= 1
         added[j] = v
-    new_hot = np.empty(n_hot, np.int64)
-    a = n = 0
-    for h in range(n_hot):
-        if gone[h]:
-            continue
-        while a < n_swap and added[a] < hot[h]:
-            new_hot[n] = added[a]
-            a += 1
+    at = np.searchsorted(kept[:n_kept], added)
+    new_hot = np.empty(n_kept + n_swap, np.int64)
+    n = h = 0
+    for j in range(n_swap + 1):
+        stop = at[j] if j < n_swap else n_kept
+        while h < stop:
+            new_hot[n] = kept[h]
             n += 1
-        new_hot[n] = hot[h]
-        n += 1
-    while a < n_swap:
-        new_hot[n] = added[a]
-        a += 1
-        n += 1
-    return promote[:n_swap].copy(), hot[evicted_at[:n_swap]], leftover[:n_left].copy(), new_hot
+            h += 1
+        if j < n_swap:
+            new_hot[n] = added[j]
+            n += 1
+    evicted = np.empty(n_swap, np.int64)
+    for k in range(n_swap):
+        evicted[k] = hot[evicted_at[k]]
+    return promote[:n_swap].copy(), evicted, leftover[:n_left].copy(), new_hot
 
 
 class _WindowSet(NamedTuple):
@@ -541,8 +553,9 @@ class _MemoPool:
         self.t1, self.window_set, self.on_gpu, self.consumed = t1, window_set, on_gpu, False
         n_stage = len(group_starts) - 1
         self.states = dense.take
-        self.leftover, self.leftover_cell, cells = _memo_pool_cells(
+        self.leftover, self.leftover_cell, cells, self.hot_state = _memo_pool_cells(
             window_set.bits, window_set.starts, hot, group_starts, dense, leftover.astype(np.int64), on_gpu)
+        self.hot = hot
         self.cells = cells.reshape(n_stage, 16)
 
     def members(self) -> np.ndarray:
@@ -563,40 +576,48 @@ class _MemoPool:
 @kernel
 def _memo_pool_cells(bits, starts, hot, group_starts, dense, leftover, on_gpu):
     """A replayed window's pool: (leftovers still candidates, their cells, (G * 16,) candidates per
-    cell). Candidates are the window set (packed ``bits``, ``starts`` of its cell runs) less the
-    GPU neurons ``hot`` (sorted: their stages come from ``group_starts``), plus the leftovers that
-    are cold and not in the set. The GPU neurons in the set are found first and their states
-    gathered in a loop of their own (the loads overlap)."""
-    n_cells = len(starts) - 1
+    cell, the GPU neurons' states). Candidates are the window set (packed ``bits``, ``starts`` of
+    its cell runs) less the GPU neurons ``hot`` (sorted: their stages come from
+    ``group_starts``), plus the leftovers that are cold and not in the set.
+
+    The loops are kept free of data-dependent branches and of chains of increments of one counter
+    (most GPU neurons share a cell): each a few cycles per neuron."""
+    n_cells, n_hot = len(starts) - 1, len(hot)
+    hot_state = np.empty(n_hot, np.uint8)
+    for k in range(n_hot):
+        hot_state[k] = dense[hot[k]]
+    members = np.empty(n_hot, np.int64)                 # places in ``hot`` of the set's members
+    m = 0
+    for k in range(n_hot):
+        h = hot[k]
+        members[m] = k
+        m += (bits[h >> 3] >> (7 - (h & 7))) & 1
+    removed = np.zeros(4 * n_cells, np.int64)           # four interleaved counts per cell
+    stage = 0
+    for j in range(m):
+        k = members[j]
+        while hot[k] >= group_starts[stage + 1]:
+            stage += 1
+        removed[(j & 3) * n_cells + stage * 16 + 15 - hot_state[k]] += 1
     cells = np.empty(n_cells, np.int64)
     for c in range(n_cells):
-        cells[c] = starts[c + 1] - starts[c]
-    members = np.empty(len(hot), np.int64)
-    member_stage = np.empty(len(hot), np.int64)
-    m = 0
-    stage = 0
-    for h in hot:
-        while h >= group_starts[stage + 1]:
-            stage += 1
-        if (bits[h >> 3] >> (7 - (h & 7))) & 1:
-            members[m], member_stage[m] = h, stage
-            m += 1
-    state = np.empty(m, np.int64)
-    for k in range(m):
-        state[k] = dense[members[k]]
-    for k in range(m):
-        cells[member_stage[k] * 16 + 15 - state[k]] -= 1
+        cells[c] = (starts[c + 1] - starts[c] - removed[c] - removed[n_cells + c]
+                    - removed[2 * n_cells + c] - removed[3 * n_cells + c])
     kept = np.empty(len(leftover), np.int64)
     kept_cell = np.empty(len(leftover), np.int64)
     n = 0
-    for i in leftover:
+    stage = 0
+    for i in leftover:            # (in stage order, as the last decision left them; any order works)
         if not on_gpu[i] and not (bits[i >> 3] >> (7 - (i & 7))) & 1:
-            stage = np.searchsorted(group_starts, i, side="right") - 1
+            if i < group_starts[stage]:
+                stage = 0
+            while i >= group_starts[stage + 1]:
+                stage += 1
             kept[n] = i
             kept_cell[n] = stage * 16 + 15 - dense[i]
             cells[kept_cell[n]] += 1
             n += 1
-    return kept[:n].copy(), kept_cell[:n].copy(), cells
+    return kept[:n].copy(), kept_cell[:n].copy(), cells, hot_state
 
 
 @kernel

@@ -99,6 +99,31 @@ def test_pair_swaps_matches_argsort_version(seed):
         np.testing.assert_array_equal(g, w)
 
 
+def test_memo_pool_cells_matches_numpy():
+    rng = np.random.default_rng(3)
+    n_stage, per_stage = 4, 1000
+    n = n_stage * per_stage
+    group_starts = np.arange(n_stage + 1, dtype=np.int64) * per_stage
+    dense = rng.integers(0, 16, n).astype(np.uint8)
+    dense[rng.random(n) < 0.5] = 15                                  # most share a state (a cell)
+    on_gpu = rng.random(n) < 0.3
+    on_gpu[:per_stage] = False                                       # a stage without GPU neurons
+    in_set = rng.random(n) < 0.4
+    cell = (np.arange(n) // per_stage) * 16 + 15 - dense.astype(np.int64)
+    ws_cells = cell[in_set]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(ws_cells, minlength=n_stage * 16))]).astype(np.int64)
+    hot = np.flatnonzero(on_gpu)
+    leftover = rng.permutation(rng.choice(n, 500, replace=False)).astype(np.int64)   # any order
+    kept, kept_cell, cells, hot_state = partition._memo_pool_cells(np.packbits(in_set), starts, hot, group_starts,
+                                                                   dense, leftover, on_gpu)
+    want_kept = leftover[~on_gpu[leftover] & ~in_set[leftover]]
+    np.testing.assert_array_equal(kept, want_kept)
+    np.testing.assert_array_equal(kept_cell, cell[want_kept])
+    candidates = np.concatenate([np.flatnonzero(in_set & ~on_gpu), want_kept])
+    np.testing.assert_array_equal(cells, np.bincount(cell[candidates], minlength=n_stage * 16))
+    np.testing.assert_array_equal(hot_state, dense[hot])
+
+
 def test_memo_ranked_merges_leftovers_by_cell_then_id():
     rng = np.random.default_rng(1)
     n_stage, n = 3, 3000
@@ -170,11 +195,11 @@ def test_algorithm1_matches_argsort_version(seed, move_fraction, max_moves):
     A[rng.random(len(ids)) < 0.2] = 0                              # neurons that did not fire
     cand = (A > 0) & ~on_gpu[ids]
     want = _algorithm1_by_numpy(load, groups, group_of, ids[cand], home[cand], A[cand], move_fraction, max_moves)
-    by_position = balancer._algorithm1(load, groups, group_of, n_groups, ids, A, False, on_gpu, home_dimm,
+    by_position = balancer._algorithm1(load, groups, group_of, 0, n_groups, ids, A, False, on_gpu, home_dimm,
                                        move_fraction, max_moves)
     counts = np.zeros(n_groups * per_group, dtype=np.uint8)        # a replayed window's (N,) counts
     counts[ids] = A
-    by_id = balancer._algorithm1(load, groups, group_of, n_groups, ids, counts, True, on_gpu, home_dimm,
+    by_id = balancer._algorithm1(load, groups, group_of, 0, n_groups, ids, counts, True, on_gpu, home_dimm,
                                  move_fraction, max_moves)
     for got in (by_position, by_id):
         np.testing.assert_array_equal(got[0], want[0])
@@ -220,7 +245,7 @@ def test_rekey_counts_moves_counts_and_lists_moved_neurons():
 
     def rekey(idx, dev, n_moved, packed=False):
         return simulator._rekey_counts(np.array(idx, dtype=np.int64), np.array(dev, dtype=np.int64), key_of,
-                                       group_of, n_dev, packed, np.packbits(active) if packed else active[:0],
+                                       group_of[::16].copy(), 4, n_dev, packed, np.packbits(active) if packed else active[:0],
                                        active[:0] if packed else active, total, total, False, True, base_key,
                                        *listed, n_moved)
 
@@ -244,3 +269,15 @@ def test_id_problem_flags_range_and_repeats_and_leaves_scratch_clean():
     for ids, want in (([3, 99, 0, 57], 0), ([3, 100], 1), ([-1], 1), ([5, 9, 5], 2), ([], 0), ([8, 9, 10, 11], 0)):
         assert simulator._id_problem(np.array(ids, dtype=np.int64), 100, bits) == want
         assert not bits.any()
+
+
+@pytest.mark.parametrize("dims", [(4096, 11008), (8192, 28672), (48, 96), (5, 7)])
+def test_group_blocks_give_every_neurons_group(dims):
+    from ndpsched.policy import _block_shift, _neuron_tables
+    from ndpsched.trace import NeuronLayout
+
+    layout = NeuronLayout(3, *dims)
+    group_of, _, _, _, blocks = _neuron_tables(layout, (10.0, 20.0))
+    shift = _block_shift(layout)
+    ids = np.arange(layout.n_neurons)
+    np.testing.assert_array_equal(blocks[ids >> shift], group_of)
