@@ -274,9 +274,10 @@ class CostModel:
         if total is None and self.profile is None:
             # batch 1 on the roofline (the envs' and the sweeps' case): one compiled pass over the
             # counts, no array of per-DIMM times (tests check it against the general path)
-            (layer_stages, per_stage, gpu_part, n_sync, dimm_part, slowest,
-             busy_sum) = _batch1_window(np.ascontiguousarray(union, dtype=np.float64), self._b1_gpu_per_neuron_s,
-                                        self._b1_gpu_fixed_s, self._b1_dimm_per_neuron_s, self.ndp_issue_s)
+            (layer_stages, per_stage, gpu_part, n_sync, dimm_part,
+             imbalance) = _batch1_window(np.ascontiguousarray(union, dtype=np.float64), self._b1_gpu_per_neuron_s,
+                                         self._b1_gpu_fixed_s, self._b1_dimm_per_neuron_s, self.ndp_issue_s,
+                                         self.n_dimms)
             sync_part = proj_sync * n_sync
             gpu_part -= sync_part
         else:
@@ -294,6 +295,8 @@ class CostModel:
             per_stage = stage.sum(axis=(0, 1))                                  # (2,) qkv, ffn
             dimm_part = dimm_max[~gpu_critical].sum()
             slowest = dimm_max.reshape(T, -1).sum(axis=1)
+            # sum over stages of the slowest DIMM / of the mean DIMM (J cancels: sum over DIMMs)
+            imbalance = np.where(busy_sum > 0, slowest * self.n_dimms / np.maximum(busy_sum, 1e-300), 1.0)
         merge_kind, merge, proj, lm = self.fixed_times_s(batch)
         attn = self.attention_s(kv_len, batch)                              # (T,)
         layer = layer_stages + (merge + proj) + attn[:, None]
@@ -324,8 +327,6 @@ class CostModel:
             "ffn": float(per_stage[1] + T * L * merge_kind[1]),
             "other": float(T * lm),
         }
-        # sum over stages of the slowest DIMM / of the mean DIMM (J cancels: sum over DIMMs)
-        imbalance = np.where(busy_sum > 0, slowest * self.n_dimms / np.maximum(busy_sum, 1e-300), 1.0)
         return StepsCost(step_s=step, layer_s=layer, components=comps, dimm_imbalance=imbalance, stage_s=stages)
 
     # ---- prefill --------------------------------------------------------------------------
@@ -356,7 +357,7 @@ class CostModel:
 
 
 @kernel
-def _batch1_window(union, gpu_per_neuron, gpu_fixed, dimm_per_neuron, issue_s):
+def _batch1_window(union, gpu_per_neuron, gpu_fixed, dimm_per_neuron, issue_s, n_dimms):
     """Batch-1 roofline pricing of T steps from (T, 2L, J+1) active counts (stage 2l + kind,
     GPU first), in one pass. A stage's GPU side is its compute and two syncs (0 where the GPU
     is idle in it); a DIMM's time ``u c + issue`` where its count ``u`` > 0 grows with ``u``, so
@@ -364,8 +365,8 @@ def _batch1_window(union, gpu_per_neuron, gpu_fixed, dimm_per_neuron, issue_s):
 
     Returns (layer times without the fixed parts (T, L), per-kind sums (2,) qkv / ffn, the
     GPU-side time of the stages where the GPU is critical (syncs included), how many such busy
-    stages, the slowest-DIMM time of the other stages, per step the sum over stages of the
-    slowest DIMM (T,) and of all DIMMs (T,))."""
+    stages, the slowest-DIMM time of the other stages, and per step the DIMM imbalance (T,): the
+    sum over stages of the slowest DIMM over that of the mean DIMM, 1 if the DIMMs are idle)."""
     T, S, D = union.shape
     layer = np.zeros((T, S // 2))
     per_kind = np.zeros(2)
@@ -397,4 +398,8 @@ def _batch1_window(union, gpu_per_neuron, gpu_fixed, dimm_per_neuron, issue_s):
                 stage = dimm
             layer[t, st // 2] += stage
             per_kind[st % 2] += stage
-    return layer, per_kind, gpu_part, n_sync, dimm_part, slowest, busy_sum
+    imbalance = np.ones(T)
+    for t in range(T):
+        if busy_sum[t] > 0:
+            imbalance[t] = slowest[t] * n_dimms / busy_sum[t]
+    return layer, per_kind, gpu_part, n_sync, dimm_part, imbalance

@@ -354,13 +354,10 @@ class DecodeRun:
             self.base_key = derived[1]
             # the neurons moved away from their start key at some point of the run (one that came
             # back stays listed, and is skipped while it is back): ``moved`` marks them, the first
-            # ``n_moved`` slots of the list hold them with their key now and their start key (a
-            # window's recount reads the list in order instead of gathering from (N,) arrays)
+            # ``n_moved`` slots of the list hold them with their start keys, in the order of the moves
             N = sim.layout.n_neurons
             self.moved = np.zeros(N, dtype=bool)
-            self.moved_slot = np.empty(N, dtype=np.int32)          # valid where ``moved``
             self.moved_ids = np.empty(N, dtype=np.int32)
-            self.moved_key = np.empty(N, dtype=self.key_of.dtype)
             self.moved_base = np.empty(N, dtype=self.key_of.dtype)
             self.n_moved = 0
             self.base_deltas = sim.base_deltas(self.seqs[0], self.base_key, self._placement_tag)
@@ -554,10 +551,14 @@ class DecodeRun:
             # the window's changed bits (N / 8 bytes, kept by the replay) skip the moved neurons
             # that do not toggle in it (about 60 % of them under hermes.adjust)
             _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_ids,
-                                     self.moved_key, self.moved_base, self.n_moved, self.K)
-        steps = np.cumsum(deltas, axis=0) + self.total
-        self.total_buf[:n] = steps
-        self.total[:] = steps[-1]
+                                     self.moved_base, self.n_moved, self.key_of, self.K)
+        # the counts after each token: a running sum row by row (np.cumsum along the short axis
+        # of an (n, K) array walks K columns of n: 20 us where these n adds take 3)
+        steps = self.total_buf[:n]
+        np.add(deltas[0], self.total, out=steps[0])
+        for t in range(1, n):
+            np.add(steps[t - 1], deltas[t], out=steps[t])
+        self.total[:] = steps[n - 1]
         toggles = [[(on, off)] for on, off in zip(*parts)]
         for obs in self.observers:
             for t, (on, off) in enumerate(zip(*parts), start=t0):
@@ -670,13 +671,13 @@ class DecodeRun:
         packed = self._active_packed                  # a replayed window: read its bits in place
         none = np.zeros(0, dtype=np.uint8)            # (for the arrays a call does not read)
         track = self.whole_window
-        keys, slots = self.key_of[:0], np.zeros(0, dtype=np.int32)     # (for a run that does not track)
+        keys, ids = self.key_of[:0], np.zeros(0, dtype=np.int32)       # (for a run that does not track)
         n_moved = _rekey_counts(
             np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64), self.key_of, self.ctx.group_blocks,
             self.ctx.group_shift, self.n_dev, packed is not None, none if packed is None else packed, self._active if packed is None else none,
             self.total, self.union, self.sim.batch > 1, track,
-            *((self.base_key, self.moved, self.moved_slot, self.moved_ids, self.moved_key, self.moved_base, self.n_moved)
-              if track else (keys, none.view(bool), slots, slots, keys, keys, 0)))
+            *((self.base_key, self.moved, self.moved_ids, self.moved_base, self.n_moved)
+              if track else (keys, none.view(bool), ids, keys, 0)))
         if track:
             self.n_moved = n_moved
 
@@ -719,44 +720,61 @@ def _is_online(policy, base: type) -> bool:
 
 
 @kernel
-def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, moved_key, moved_base, n_moved, K):
+def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, moved_base, n_moved, key_of, K):
     """Re-count the window's toggles of the moved neurons (the first ``n_moved`` of ``moved_ids``,
-    with their keys now ``moved_key`` and at the start ``moved_base``): the (n, K) base deltas
-    (``flat_deltas``, flat) counted them under their start keys, they belong to their keys now.
-    ``rows``: the (n + 1, N / 8) packed active sets t0 - 1 .. t1 - 1; ``changed``: the packed
-    neurons whose activity changes in the window.
+    with their start keys ``moved_base``): the (n, K) base deltas (``flat_deltas``, flat) counted
+    them under their start keys, they belong to their keys now (``key_of``). ``rows``: the
+    (n + 1, N / 8) packed active sets t0 - 1 .. t1 - 1; ``changed``: the packed neurons whose
+    activity changes in the window.
 
-    Two passes: the list (in order, branch free) gives the moved neurons away from their start
-    key that toggle, then their toggles are counted."""
+    The list gives the moved neurons that toggle (branch free); a counting sort puts them in
+    order of their 512-id blocks (one cache line of each row: read in the order of the moves,
+    the rows cost twice as much); their keys now are gathered in a loop of its own (the loads
+    overlap); then the toggles of those away from their start key are counted."""
     n = rows.shape[0] - 1
     ids = np.empty(n_moved, np.int64)
-    new = np.empty(n_moved, np.int64)
     old = np.empty(n_moved, np.int64)
     m = 0
     for j in range(n_moved):
         i = moved_ids[j]
-        ids[m], new[m], old[m] = i, moved_key[j], moved_base[j]
-        m += ((changed[i >> 3] >> (7 - (i & 7))) & 1) & (moved_key[j] != moved_base[j])
+        ids[m], old[m] = i, moved_base[j]
+        m += (changed[i >> 3] >> (7 - (i & 7))) & 1
+    n_blocks = (rows.shape[1] >> 6) + 2
+    at = np.zeros(n_blocks, np.int64)
     for k in range(m):
-        byte, shift = ids[k] >> 3, 7 - (ids[k] & 7)
+        at[(ids[k] >> 9) + 1] += 1
+    for b in range(n_blocks - 1):
+        at[b + 1] += at[b]
+    by_block = np.empty(m, np.int64)
+    by_block_old = np.empty(m, np.int64)
+    for k in range(m):
+        b = ids[k] >> 9
+        by_block[at[b]], by_block_old[at[b]] = ids[k], old[k]
+        at[b] += 1
+    new = np.empty(m, np.int64)
+    for k in range(m):
+        new[k] = key_of[by_block[k]]
+    for k in range(m):
+        if new[k] == by_block_old[k]:           # back at its start key: counted where it is
+            continue
+        byte, shift = by_block[k] >> 3, 7 - (by_block[k] & 7)
         before = np.int64((rows[0, byte] >> shift) & 1)
         for t in range(n):
             now = np.int64((rows[t + 1, byte] >> shift) & 1)
             d = now - before                     # +1 on, -1 off, 0 (branch free)
             flat_deltas[t * K + new[k]] += d
-            flat_deltas[t * K + old[k]] -= d
+            flat_deltas[t * K + by_block_old[k]] -= d
             before = now
 
 
 @kernel
-def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_packed, packed, active, total, union, batched,
-                  track, base_key, moved, moved_slot, moved_ids, moved_key, moved_base, n_moved):
+def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_packed, packed, active, total, union,
+                  batched, track, base_key, moved, moved_ids, moved_base, n_moved):
     """Move neurons ``idx`` to devices ``new_dev``: their active counts (from the packed bits or the
     (N,) batch counts ``active``) leave their old (group, device) cells of ``total`` (and, with
     ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, a neuron
     that leaves its start key ``base_key`` for the first time is marked in ``moved`` and appended
-    to the list (``moved_ids``, ``moved_key``, ``moved_base``; ``moved_slot`` its place), a listed
-    one has its key updated there. Returns the new length of the list."""
+    to the list (``moved_ids``, ``moved_base``). Returns the new length of the list."""
     for k in range(len(idx)):
         i = idx[k]
         old = key_of[i]
@@ -769,14 +787,10 @@ def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_pa
                 union[old] -= 1
                 union[new] += 1
         key_of[i] = new
-        if track:
-            if moved[i]:
-                moved_key[moved_slot[i]] = new
-            elif new != base_key[i]:
-                moved[i] = True
-                moved_slot[i] = n_moved
-                moved_ids[n_moved], moved_key[n_moved], moved_base[n_moved] = i, new, base_key[i]
-                n_moved += 1
+        if track and not moved[i] and new != base_key[i]:
+            moved[i] = True
+            moved_ids[n_moved], moved_base[n_moved] = i, base_key[i]
+            n_moved += 1
     return n_moved
 
 

@@ -32,6 +32,7 @@ Global neuron id of neuron i of kind k (0 = QKV, 1 = FFN) in layer l:
 """
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
 from collections import OrderedDict
@@ -46,6 +47,14 @@ from .models import ModelSpec
 
 FORMAT_NAME = "ndpsched-trace"
 FORMAT_VERSION = 1
+
+
+@functools.lru_cache(maxsize=16)
+def _group_starts(layout: "NeuronLayout") -> np.ndarray:
+    layer, kind = np.divmod(np.arange(layout.n_groups + 1), 2)
+    starts = layer * layout.per_layer + kind * layout.d_qkv
+    starts.flags.writeable = False
+    return starts
 
 
 @dataclass(frozen=True)
@@ -80,9 +89,9 @@ class NeuronLayout:
 
     def group_starts(self) -> np.ndarray:
         """(G + 1,) int64: first neuron id of every group, then N (a group's neurons are
-        consecutive ids, groups in order)."""
-        layer, kind = np.divmod(np.arange(self.n_groups + 1), 2)
-        return layer * self.per_layer + kind * self.d_qkv
+        consecutive ids, groups in order). Read-only, computed once per layout (the online
+        policies ask for it at every decision)."""
+        return _group_starts(self)
 
     def layer_of(self) -> np.ndarray:
         """(N,) int32: layer of every neuron."""

@@ -342,6 +342,21 @@ class HermesAdjust(HermesIlp):
         self._hot_mark = (placement, placement.hot_changes, placement.last_hot_change)
         return hot
 
+    def _promotion_cap(self, promote_scale: float) -> np.ndarray:
+        """(G,) int64 promotions per stage whose PCIe copies one projection hides (half of its
+        time each way), times ``promote_scale``; kept per scale (the same at every decision)."""
+        ctx = self.ctx
+        caps = self.__dict__.get("_caps")
+        if caps is None or caps[0] is not ctx:                 # (a policy may be bound to a new context)
+            caps = self._caps = (ctx, {})
+        cap = caps[1].get(promote_scale)
+        if cap is None:
+            cm = ctx.cost
+            per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw              # bytes hidden per layer
+            kind = np.arange(ctx.layout.n_groups) % 2
+            cap = caps[1][promote_scale] = np.floor(promote_scale * per_layer / 2 / cm.neuron_bytes[kind]).astype(np.int64)
+        return cap
+
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p = self.ctx, self.params
         pool = self._candidate_pool(placement, window)
@@ -354,11 +369,7 @@ class HermesAdjust(HermesIlp):
         # candidates with states above T_h by stage, highest state first, ties by neuron id; with
         # hidden copies a stage promotes at most ``cap`` and keeps 2 x cap leftovers, so only its
         # first 3 x cap candidates are ranked
-        cap = None
-        if p.hide_copies:
-            cm = ctx.cost
-            per_layer = cm.projection_s(ctx.batch) * cm.pcie_bw              # bytes hidden per layer
-            cap = np.floor(p.promote_scale * per_layer / 2 / cm.neuron_bytes[np.arange(n_stage) % 2]).astype(np.int64)
+        cap = self._promotion_cap(p.promote_scale) if p.hide_copies else None
         cand, c_key = pool.ranked(15 - p.hot_threshold, None if cap is None else 3 * cap)
         # each stage's candidates meet its GPU neurons by lowest state first (ties by id): a
         # candidate with a higher state than its partner swaps with it (one compiled pass)

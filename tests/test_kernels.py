@@ -217,12 +217,11 @@ def test_recount_moved_from_rows_matches_numpy():
     moved = rng.random(n) < 0.25
     key_of[moved] = rng.integers(0, K, moved.sum())                 # some land on their old key
     got = np.zeros(n_tokens * K, dtype=np.int64)
-    listed = rng.permutation(np.flatnonzero(moved))               # the list is in order of first move
+    listed = rng.permutation(np.flatnonzero(moved))                # the list is in order of the moves
     pad = np.full(5, -1, dtype=np.int32)                          # slots past n_moved are not read
     simulator._recount_moved_from_rows(got, rows, changed, np.concatenate([listed.astype(np.int32), pad]),
-                                       np.concatenate([key_of[listed], pad.astype(np.int16)]),
-                                       np.concatenate([base_key[listed], pad.astype(np.int16)]), len(listed), K)
-
+                                       np.concatenate([base_key[listed], pad.astype(np.int16)]), len(listed),
+                                       key_of, K)
     ids = np.flatnonzero(moved)
     step = np.diff(SequenceReplay.active_of(rows, ids).view(np.int8).astype(np.int64), axis=0)   # (n_tokens, m)
     want = np.zeros((n_tokens, K), dtype=np.int64)
@@ -239,28 +238,24 @@ def test_rekey_counts_moves_counts_and_lists_moved_neurons():
     key_of = base_key.copy()
     active = (np.arange(n) % 2).astype(np.uint8)                   # odd ids fire
     total = np.bincount(key_of, weights=active, minlength=4 * n_dev).astype(np.int64)
-    moved, slot = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int32)
-    ids, keys, base = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int16), np.zeros(n, dtype=np.int16)
-    listed = (moved, slot, ids, keys, base)
+    moved, ids, base = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int16)
 
     def rekey(idx, dev, n_moved, packed=False):
         return simulator._rekey_counts(np.array(idx, dtype=np.int64), np.array(dev, dtype=np.int64), key_of,
-                                       group_of[::16].copy(), 4, n_dev, packed, np.packbits(active) if packed else active[:0],
-                                       active[:0] if packed else active, total, total, False, True, base_key,
-                                       *listed, n_moved)
+                                       group_of[::16].copy(), 4, n_dev, packed,
+                                       np.packbits(active) if packed else active[:0], active[:0] if packed else active,
+                                       total, total, False, True, base_key, moved, ids, base, n_moved)
 
-    n_moved = rekey([1, 2, 17, 33], [0, 2, 2, 1], 0)              # 33 stays where it started
+    n_moved = rekey([17, 2, 1, 33], [2, 2, 0, 1], 0)              # 33 stays where it started
     assert n_moved == 3
     np.testing.assert_array_equal(np.flatnonzero(moved), [1, 2, 17])
-    np.testing.assert_array_equal(ids[:3], [1, 2, 17])
-    np.testing.assert_array_equal(keys[:3], key_of[[1, 2, 17]])
-    np.testing.assert_array_equal(base[:3], base_key[[1, 2, 17]])
-    np.testing.assert_array_equal(slot[[1, 2, 17]], [0, 1, 2])
+    np.testing.assert_array_equal(ids[:3], [17, 2, 1])              # in the order of the moves
+    np.testing.assert_array_equal(base[:3], base_key[[17, 2, 1]])
     np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
-    # back home, and on again: the counts follow, the neuron stays listed in its slot with its key now
+    # back home, and a new one: the counts follow, the first stays listed once
     n_moved = rekey([1, 40], [1, 0], n_moved, packed=True)
-    assert n_moved == 4 and moved[1] and key_of[1] == base_key[1] and keys[0] == base_key[1]
-    assert ids[3] == 40 and keys[3] == key_of[40] == group_of[40] * n_dev
+    assert n_moved == 4 and moved[1] and key_of[1] == base_key[1] and ids[3] == 40
+    assert key_of[40] == group_of[40] * n_dev
     np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
 
 
