@@ -97,13 +97,29 @@ def _group_members(layout: NeuronLayout, groups: np.ndarray, stride: int, offset
     members, ptr = _strided_members(layout, stride)[offset % stride]
     if len(groups) == len(ptr) - 1:
         return members
-    return np.concatenate([members[ptr[g]: ptr[g + 1]] for g in groups.tolist()])
+    return _runs_of(members, ptr, np.asarray(groups, dtype=np.int64))
+
+
+@kernel
+def _runs_of(members, ptr, groups):
+    """``members[ptr[g]: ptr[g + 1]]`` for each of ``groups``, concatenated (one compiled copy in
+    place of a list of slices and np.concatenate)."""
+    size = 0
+    for g in groups:
+        size += ptr[g + 1] - ptr[g]
+    out = np.empty(size, members.dtype)
+    n = 0
+    for g in groups:
+        for k in range(ptr[g], ptr[g + 1]):
+            out[n] = members[k]
+            n += 1
+    return out
 
 
 @functools.lru_cache(maxsize=8)
 def _strided_members(layout: NeuronLayout, stride: int) -> list[tuple[np.ndarray, list[int]]]:
     """Per offset o < ``stride``: the neurons at positions o, o + stride, ... of every group,
-    group after group (read-only intp array), and where each group's run starts (G + 1 ints)."""
+    group after group (read-only intp array), and where each group's run starts ((G + 1,) int64)."""
     bounds = layout.group_starts()
     starts, lengths = bounds[:-1], np.diff(bounds)
     out = []
@@ -113,14 +129,33 @@ def _strided_members(layout: NeuronLayout, stride: int) -> list[tuple[np.ndarray
         ids = np.repeat(starts + o - (ends - sizes) * stride, sizes) + np.arange(ends[-1]) * stride
         ids = ids.astype(np.intp)
         ids.flags.writeable = False
-        out.append((ids, [0, *ends.tolist()]))
+        ptr = np.concatenate([[0], ends]).astype(np.int64)
+        ptr.flags.writeable = False
+        out.append((ids, ptr))
     return out
 
 
 def _imbalanced_groups(window: WindowActivity, tolerance: float) -> np.ndarray:
-    load = window.device_load[:, 1:]
-    total = load.sum(axis=1)
-    return np.flatnonzero((total > 0) & (load.max(axis=1) * load.shape[1] > (1 + tolerance) * total))
+    """The stages whose busiest DIMM is more than ``tolerance`` above their mean DIMM load."""
+    return _over_tolerance(np.ascontiguousarray(window.device_load, dtype=np.float64), float(tolerance))
+
+
+@kernel
+def _over_tolerance(device_load, tolerance):
+    """Rows g of the (G, J + 1) loads (GPU column first) with DIMM loads not all 0 and
+    max * J > (1 + tolerance) * sum (one compiled pass: numpy took five calls)."""
+    G, J = device_load.shape[0], device_load.shape[1] - 1
+    out = np.empty(G, np.int64)
+    n = 0
+    for g in range(G):
+        top = total = 0.0
+        for d in range(1, J + 1):
+            top = max(top, device_load[g, d])
+            total += device_load[g, d]
+        if total > 0 and top * J > (1 + tolerance) * total:
+            out[n] = g
+            n += 1
+    return out[:n].copy()
 
 
 class WindowRebalancer(BalancerPolicy):

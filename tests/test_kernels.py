@@ -276,3 +276,20 @@ def test_group_blocks_give_every_neurons_group(dims):
     shift = _block_shift(layout)
     ids = np.arange(layout.n_neurons)
     np.testing.assert_array_equal(blocks[ids >> shift], group_of)
+
+
+def test_over_tolerance_and_runs_of_match_numpy():
+    rng = np.random.default_rng(7)
+    load = rng.integers(0, 50, size=(40, 9)).astype(np.float64)
+    load[::7, 1:] = 0.0                                            # idle stages
+    load[3, 1:] = 5.0                                              # perfectly even
+    for tol in (0.0, 0.05, 0.5):
+        dimms = load[:, 1:]
+        total = dimms.sum(axis=1)
+        want = np.flatnonzero((total > 0) & (dimms.max(axis=1) * 8 > (1 + tol) * total))
+        np.testing.assert_array_equal(balancer._over_tolerance(load, tol), want)
+    members = np.arange(100, 160, dtype=np.intp)
+    ptr = np.array([0, 10, 10, 35, 60], dtype=np.int64)            # an empty run
+    groups = np.array([3, 1, 0], dtype=np.int64)
+    np.testing.assert_array_equal(balancer._runs_of(members, ptr, groups),
+                                  np.concatenate([members[ptr[g]: ptr[g + 1]] for g in groups]))
