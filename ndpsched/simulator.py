@@ -732,8 +732,8 @@ def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, moved_base, 
     the rows cost twice as much); their keys now are gathered in a loop of its own (the loads
     overlap); then the toggles of those away from their start key are counted."""
     n = rows.shape[0] - 1
-    ids = np.empty(n_moved, np.int64)
-    old = np.empty(n_moved, np.int64)
+    ids = np.empty(n_moved, np.int32)
+    old = np.empty(n_moved, np.int32)
     m = 0
     for j in range(n_moved):
         i = moved_ids[j]
@@ -745,13 +745,13 @@ def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, moved_base, 
         at[(ids[k] >> 9) + 1] += 1
     for b in range(n_blocks - 1):
         at[b + 1] += at[b]
-    by_block = np.empty(m, np.int64)
-    by_block_old = np.empty(m, np.int64)
+    by_block = np.empty(m, np.int32)
+    by_block_old = np.empty(m, np.int32)
     for k in range(m):
         b = ids[k] >> 9
         by_block[at[b]], by_block_old[at[b]] = ids[k], old[k]
         at[b] += 1
-    new = np.empty(m, np.int64)
+    new = np.empty(m, np.int32)
     for k in range(m):
         new[k] = key_of[by_block[k]]
     for k in range(m):

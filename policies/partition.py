@@ -209,7 +209,7 @@ class HermesAdjust(HermesIlp):
         # the still-hot candidates the last decision had no room for
         self._turned_on = [entry[3]]
         self._turned_on_from: int | None = None
-        self._leftover = np.zeros(0, dtype=np.intp)
+        self._leftover = np.zeros(0, dtype=np.int32)
         self._pool: _MaskPool | _MemoPool | None = None   # the last pool built (see _candidate_pool)
         self._hot: np.ndarray | None = None          # see _hot_ids
         self._hot_checked_at: int | None = None      # the window end _hot was last checked at
@@ -337,7 +337,7 @@ class HermesAdjust(HermesIlp):
             return hot
         on_gpu = placement.on_gpu
         if hot is None or len(hot) != np.count_nonzero(on_gpu) or not on_gpu.take(hot).all():
-            hot = self._hot = np.flatnonzero(on_gpu)
+            hot = self._hot = np.flatnonzero(on_gpu).astype(np.int32)
         self._hot_checked_at = t1
         self._hot_mark = (placement, placement.hot_changes, placement.last_hot_change)
         return hot
@@ -374,7 +374,7 @@ class HermesAdjust(HermesIlp):
         # each stage's candidates meet its GPU neurons by lowest state first (ties by id): a
         # candidate with a higher state than its partner swaps with it (one compiled pass)
         promote, evict, self._leftover, self._hot = _pair_swaps(
-            np.asarray(cand, dtype=np.int64), np.asarray(c_key, dtype=np.int64), hot,
+            np.asarray(cand, dtype=np.int32), np.asarray(c_key, dtype=np.int32), hot,
             pool.hot_state if getattr(pool, "hot", None) is hot else pool.states(hot), ctx.layout.group_starts(),
             cap if cap is not None else np.zeros(n_stage, dtype=np.int64), cap is not None)
         self._hot_checked_at = None                  # the moves are not applied yet
@@ -389,7 +389,7 @@ class HermesAdjust(HermesIlp):
 
 @kernel
 def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
-    """Hermes' swap rule, one stage after another: ``cand`` (int64 ids) ranked by their cells
+    """Hermes' swap rule, one stage after another: ``cand`` (int32 ids) ranked by their cells
     ``c_key`` (stage * 16 + 15 - state, then id), ``hot`` the GPU neurons by id with their states.
     The r-th candidate of a stage swaps with the stage's r-th lowest-state GPU neuron (ties by
     id) if its state is higher (and, with ``has_cap``, r < ``cap[stage]``); the others ranked
@@ -403,11 +403,11 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
         c_first[(c_key[i] >> 4) + 1] += 1
     for s in range(n_stage):
         c_first[s + 1] += c_first[s]
-    e_order = np.empty(n_hot, np.int64)
+    e_order = np.empty(n_hot, np.int32)
     count = np.empty(4 * 17, np.int64)
-    promote = np.empty(nc, np.int64)
-    evicted_at = np.empty(nc, np.int64)
-    leftover = np.empty(nc, np.int64)
+    promote = np.empty(nc, np.int32)
+    evicted_at = np.empty(nc, np.int32)
+    leftover = np.empty(nc, np.int32)
     n_swap = n_left = 0
     for s in range(n_stage):
         a, b, c0, c1 = e_first[s], e_first[s + 1], c_first[s], c_first[s + 1]
@@ -462,7 +462,7 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
     gone = np.zeros(n_hot, np.uint8)
     for k in range(n_swap):
         gone[evicted_at[k]] = 1
-    kept = np.empty(n_hot, np.int64)
+    kept = np.empty(n_hot, np.int32)
     n_kept = 0
     for h in range(n_hot):
         kept[n_kept] = hot[h]
@@ -476,7 +476,7 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
             j -= 1
         added[j] = v
     at = np.searchsorted(kept[:n_kept], added)
-    new_hot = np.empty(n_kept + n_swap, np.int64)
+    new_hot = np.empty(n_kept + n_swap, np.int32)
     n = h = 0
     for j in range(n_swap + 1):
         stop = at[j] if j < n_swap else n_kept
@@ -487,7 +487,7 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
         if j < n_swap:
             new_hot[n] = added[j]
             n += 1
-    evicted = np.empty(n_swap, np.int64)
+    evicted = np.empty(n_swap, np.int32)
     for k in range(n_swap):
         evicted[k] = hot[evicted_at[k]]
     return promote[:n_swap].copy(), evicted, leftover[:n_left].copy(), new_hot
@@ -565,7 +565,7 @@ class _MemoPool:
         n_stage = len(group_starts) - 1
         self.states = dense.take
         self.leftover, self.leftover_cell, cells, self.hot_state = _memo_pool_cells(
-            window_set.bits, window_set.starts, hot, group_starts, dense, leftover.astype(np.int64), on_gpu)
+            window_set.bits, window_set.starts, hot, group_starts, dense, leftover.astype(np.int32), on_gpu)
         self.hot = hot
         self.cells = cells.reshape(n_stage, 16)
 
@@ -597,7 +597,7 @@ def _memo_pool_cells(bits, starts, hot, group_starts, dense, leftover, on_gpu):
     hot_state = np.empty(n_hot, np.uint8)
     for k in range(n_hot):
         hot_state[k] = dense[hot[k]]
-    members = np.empty(n_hot, np.int64)                 # places in ``hot`` of the set's members
+    members = np.empty(n_hot, np.int32)                 # places in ``hot`` of the set's members
     m = 0
     for k in range(n_hot):
         h = hot[k]
@@ -614,8 +614,8 @@ def _memo_pool_cells(bits, starts, hot, group_starts, dense, leftover, on_gpu):
     for c in range(n_cells):
         cells[c] = (starts[c + 1] - starts[c] - removed[c] - removed[n_cells + c]
                     - removed[2 * n_cells + c] - removed[3 * n_cells + c])
-    kept = np.empty(len(leftover), np.int64)
-    kept_cell = np.empty(len(leftover), np.int64)
+    kept = np.empty(len(leftover), np.int32)
+    kept_cell = np.empty(len(leftover), np.int32)
     n = 0
     stage = 0
     for i in leftover:            # (in stage order, as the last decision left them; any order works)
@@ -645,8 +645,8 @@ def _memo_ranked(ws_ids, ws_cells, starts, on_gpu, leftover, leftover_cell, n_st
     for c in range(n_cells):
         at[c + 1] += at[c]
     begin = at.copy()
-    l_ids = np.empty(n_left, np.int64)
-    l_cell = np.empty(n_left, np.int64)
+    l_ids = np.empty(n_left, np.int32)
+    l_cell = np.empty(n_left, np.int32)
     for i in range(n_left):
         c = leftover_cell[i]
         k = at[c]
@@ -656,8 +656,8 @@ def _memo_ranked(ws_ids, ws_cells, starts, on_gpu, leftover, leftover_cell, n_st
             k -= 1
         l_ids[k], l_cell[k] = leftover[i], c
     size = n_left + (limit.sum() if has_limit else starts[-1])
-    out_ids = np.empty(size, np.int64)
-    out_cell = np.empty(size, np.int64)
+    out_ids = np.empty(size, np.int32)
+    out_cell = np.empty(size, np.int32)
     n = q = 0
     for s in range(n_stage):
         first, end = s * 16, s * 16 + n_cols
