@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -199,7 +200,9 @@ class HermesAdjust(HermesIlp):
             states = SaturatingStates(initial_states(ctx.prefill_freqs).astype(np.uint8), active, token,
                                       p.state_inc, p.state_dec)
             entry = cache[key] = (ctx.prefill_freqs, active.copy(), states, fired)
-        self.states = entry[2].copy()
+        # the cached start states, shared until this run changes them (replayed windows read their
+        # states from the memo and never do: the 4-byte-a-neuron copy was a third of a reset)
+        self.states, self._states_shared = entry[2], True
         # tokens observed since the state words were brought up to date (see _state_lookup)
         self._pending: list[tuple[int, np.ndarray, np.ndarray]] = []
         # (token, (N,) states, window) when a replay memo answered and the words were left behind
@@ -211,7 +214,9 @@ class HermesAdjust(HermesIlp):
         self._turned_on_from: int | None = None
         self._leftover = np.zeros(0, dtype=np.int32)
         self._pool: _MaskPool | _MemoPool | None = None   # the last pool built (see _candidate_pool)
-        self._hot: np.ndarray | None = None          # see _hot_ids
+        # see _hot_ids; the last run's start set is checked first (runs start from one placement)
+        self._hot: np.ndarray | None = self.__dict__.get("_start_hot")
+        self._run_start = True
         self._hot_checked_at: int | None = None      # the window end _hot was last checked at
         # (placement, its change count, its last change) under which _hot holds (see _hot_ids)
         self._hot_mark: tuple | None = None
@@ -254,8 +259,13 @@ class HermesAdjust(HermesIlp):
 
         if self._behind is not None:
             token, dense, window = self._behind
+            if self._states_shared:              # new words: the shared ones need no copy
+                self.states = copy.copy(self.states)
+                self._states_shared = False
             self.states.word = SaturatingStates.pack(dense, window.active > 0, token)
             self._behind = None
+        if self._pending and self._states_shared:
+            self.states, self._states_shared = self.states.copy(), False
         for token, on, off in self._pending:
             self.states.toggle(on, off, token)
         self._pending.clear()
@@ -338,6 +348,9 @@ class HermesAdjust(HermesIlp):
         on_gpu = placement.on_gpu
         if hot is None or len(hot) != np.count_nonzero(on_gpu) or not on_gpu.take(hot).all():
             hot = self._hot = np.flatnonzero(on_gpu).astype(np.int32)
+            if self._run_start:
+                self._start_hot = hot
+        self._run_start = False
         self._hot_checked_at = t1
         self._hot_mark = (placement, placement.hot_changes, placement.last_hot_change)
         return hot
