@@ -470,16 +470,12 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
         for i in range(c0 + k, end):
             leftover[n_left] = cand[i]
             n_left += 1
-    # the GPU set after the swaps: the kept ids (a branch-free compaction) with the promoted ones
-    # (a few per stage: an insertion sort within each stage's run) inserted by binary search
+    # the GPU set after the swaps: the kept ids merged with the promoted ones (a few per stage,
+    # sorted by an insertion sort within each stage's run); an evicted id is written and then
+    # overwritten (no branch on it: the swaps are a small random part of the set)
     gone = np.zeros(n_hot, np.uint8)
     for k in range(n_swap):
         gone[evicted_at[k]] = 1
-    kept = np.empty(n_hot, np.int32)
-    n_kept = 0
-    for h in range(n_hot):
-        kept[n_kept] = hot[h]
-        n_kept += 1 - gone[h]
     added = promote[:n_swap].copy()
     for k in range(1, n_swap):
         v = added[k]
@@ -488,22 +484,24 @@ def _pair_swaps(cand, c_key, hot, hot_state, group_starts, cap, has_cap):
             added[j] = added[j - 1]
             j -= 1
         added[j] = v
-    at = np.searchsorted(kept[:n_kept], added)
-    new_hot = np.empty(n_kept + n_swap, np.int32)
-    n = h = 0
-    for j in range(n_swap + 1):
-        stop = at[j] if j < n_swap else n_kept
-        while h < stop:
-            new_hot[n] = kept[h]
+    new_hot = np.empty(n_hot + 1, np.int32)         # (a swap keeps the count; +1: the last write)
+    a = n = 0
+    for h in range(n_hot):
+        x = hot[h]
+        while a < n_swap and added[a] < x:
+            new_hot[n] = added[a]
+            a += 1
             n += 1
-            h += 1
-        if j < n_swap:
-            new_hot[n] = added[j]
-            n += 1
+        new_hot[n] = x
+        n += 1 - gone[h]
+    while a < n_swap:
+        new_hot[n] = added[a]
+        a += 1
+        n += 1
     evicted = np.empty(n_swap, np.int32)
     for k in range(n_swap):
         evicted[k] = hot[evicted_at[k]]
-    return promote[:n_swap].copy(), evicted, leftover[:n_left].copy(), new_hot
+    return promote[:n_swap].copy(), evicted, leftover[:n_left].copy(), new_hot[:n_hot]
 
 
 class _WindowSet(NamedTuple):
