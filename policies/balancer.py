@@ -230,26 +230,31 @@ class HermesWindow(WindowRebalancer):
     def _rebalance_groups(self, window: WindowActivity, placement: Placement, groups: np.ndarray) -> BalanceMoves | None:
         p, ctx = self.params, self.ctx
         load = np.ascontiguousarray(window.device_load[groups, 1:], dtype=np.float64)    # (G, J) Z_j per stage
+        groups = groups.astype(np.int64)
         counts = window.all_counts()
         if counts is None:               # the candidates and their counts, from the toggles
             ids, _, counts = _window_candidates(ctx, window, placement, groups, p.candidate_stride, self._windows)
-            by_id = False
-        else:                            # a replayed window: the kernel reads the (N,) counts
-            ids, by_id = _group_members(ctx.layout, groups, p.candidate_stride, self._windows), True
-        neurons, dest = _algorithm1(load, groups.astype(np.int64), ctx.group_blocks, ctx.group_shift, ctx.layout.n_groups,
-                                    np.asarray(ids, dtype=np.int64), counts, by_id, placement.on_gpu,
+            members, ptr, runs, by_id = np.asarray(ids, dtype=np.int64), np.array([0, len(ids)]), np.zeros(1, np.int64), False
+        else:                            # a replayed window: the kernel reads the (N,) counts and the
+            members, ptr = _strided_members(ctx.layout, p.candidate_stride)[self._windows % p.candidate_stride]
+            runs, by_id = groups, True   # stages' members in place
+        neurons, dest = _algorithm1(load, groups, ctx.group_blocks, ctx.group_shift, ctx.layout.n_groups,
+                                    members, ptr, runs, counts, by_id, placement.on_gpu,
                                     placement.home_dimm, float(p.move_fraction), int(p.max_moves_per_stage))
         return BalanceMoves(neurons, dest) if len(neurons) else None
 
 
 @kernel
-def _algorithm1(load, groups, group_blocks, group_shift, n_groups, ids, counts, by_id, on_gpu, home_dimm, move_fraction, max_moves):
+def _algorithm1(load, groups, group_blocks, group_shift, n_groups, members, ptr, runs, counts, by_id, on_gpu, home_dimm,
+                move_fraction, max_moves):
     """Hermes Algorithm 1 on the stages ``groups`` with (G, J) DIMM loads ``load``: in each stage
     the DIMM of load rank r (0 = busiest, ties by DIMM index) is paired with rank J-1-r, and for
-    r < J/2 its candidates (the cold ``ids`` on it that fired: activation counts ``counts[id]``
-    with ``by_id``, else ``counts[k]`` for ``ids[k]``), most activated first (ties: in the given
-    order), move to the partner while what has moved stays within ``move_fraction`` / 2 of the
-    pair's load gap (at most ``max_moves`` per DIMM if > 0).
+    r < J/2 its candidates (the cold ids on it that fired among ``members[ptr[r]: ptr[r + 1]]``
+    for r in ``runs``, in that order: activation counts ``counts[id]`` with ``by_id``, else
+    ``counts[k]`` for the k-th of them), most activated first (ties: in the given order), move to
+    the partner while what has moved stays within ``move_fraction`` / 2 of the pair's load gap
+    (at most ``max_moves`` per DIMM if > 0). (Runs, not one array: a replayed window's
+    candidates are whole stages of a cached member list, read in place instead of copied.)
     Returns (neurons, destination DIMMs), by stage, DIMM, then count."""
     G, J = load.shape
     # per (stage, DIMM) cell: busy (rank < J/2), its partner, and the load it may shed
@@ -276,29 +281,33 @@ def _algorithm1(load, groups, group_blocks, group_shift, n_groups, ids, counts, 
         position[groups[k]] = k
     # candidates on busy DIMMs, ordered by (cell, count descending, given order): two stable
     # counting sorts (by count, then by cell)
-    n = len(ids)
+    n = 0
+    for r in runs:
+        n += ptr[r + 1] - ptr[r]
     cell = np.empty(n, np.int64)
-    keep = np.empty(n, np.int64)
-    A = np.zeros(n, np.int64)
+    cand = np.empty(n, np.int64)
+    A = np.empty(n, np.int64)
     m = 0
     a_max = 0
-    for k in range(n):                       # (branch free: about half the neurons fired)
-        i = ids[k]
-        a = np.int64(counts[i] if by_id else counts[k])
-        A[k] = a
-        c = position[group_blocks[i >> group_shift]] * J + home_dimm[i]
-        take = (a > 0) & (not on_gpu[i]) & busy[c]
-        cell[m], keep[m] = c, k
-        a_max = max(a_max, a * take)
-        m += take
+    k = 0                                    # position among the candidates
+    for r in runs:
+        for j in range(ptr[r], ptr[r + 1]):  # (branch free: about half the neurons fired)
+            i = members[j]
+            a = np.int64(counts[i] if by_id else counts[k])
+            k += 1
+            c = position[group_blocks[i >> group_shift]] * J + home_dimm[i]
+            take = (a > 0) & (not on_gpu[i]) & busy[c]
+            cell[m], cand[m], A[m] = c, i, a
+            a_max = max(a_max, a * take)
+            m += take
     at = np.zeros(a_max + 2, np.int64)
     for j in range(m):
-        at[a_max - A[keep[j]] + 1] += 1
+        at[a_max - A[j] + 1] += 1
     for v in range(a_max + 1):
         at[v + 1] += at[v]
     by_count = np.empty(m, np.int64)
     for j in range(m):
-        v = a_max - A[keep[j]]
+        v = a_max - A[j]
         by_count[at[v]] = j
         at[v] += 1
     at = np.zeros(G * J + 1, np.int64)
@@ -319,11 +328,11 @@ def _algorithm1(load, groups, group_blocks, group_shift, n_groups, ids, counts, 
     for c in range(G * J):
         moved = 0.0
         for j in range(begin[c], begin[c + 1]):
-            k = keep[order[j]]
+            k = order[j]
             moved += A[k]
             if moved > allowance[c] or (max_moves > 0 and j - begin[c] >= max_moves):
                 break
-            neurons[n_out], dest[n_out] = ids[k], partner[c]
+            neurons[n_out], dest[n_out] = cand[k], partner[c]
             n_out += 1
     return neurons[:n_out].copy(), dest[:n_out].copy()
 

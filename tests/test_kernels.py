@@ -195,11 +195,17 @@ def test_algorithm1_matches_argsort_version(seed, move_fraction, max_moves):
     A[rng.random(len(ids)) < 0.2] = 0                              # neurons that did not fire
     cand = (A > 0) & ~on_gpu[ids]
     want = _algorithm1_by_numpy(load, groups, group_of, ids[cand], home[cand], A[cand], move_fraction, max_moves)
-    by_position = balancer._algorithm1(load, groups, group_of, 0, n_groups, ids, A, False, on_gpu, home_dimm,
+    whole = (ids, np.array([0, len(ids)]), np.zeros(1, dtype=np.int64))             # one run: all of them
+    by_position = balancer._algorithm1(load, groups, group_of, 0, n_groups, *whole, A, False, on_gpu, home_dimm,
                                        move_fraction, max_moves)
     counts = np.zeros(n_groups * per_group, dtype=np.uint8)        # a replayed window's (N,) counts
     counts[ids] = A
-    by_id = balancer._algorithm1(load, groups, group_of, 0, n_groups, ids, counts, True, on_gpu, home_dimm,
+    # by id, with the candidates as runs of a member list (each stage's run, out of order in the list)
+    runs_of_group = [ids[(ids // per_group) == g] for g in groups]
+    members = np.concatenate(runs_of_group[::-1])
+    ptr = np.concatenate([[0], np.cumsum([len(r) for r in runs_of_group[::-1]])])
+    runs = np.arange(len(groups))[::-1].astype(np.int64)
+    by_id = balancer._algorithm1(load, groups, group_of, 0, n_groups, members, ptr, runs, counts, True, on_gpu, home_dimm,
                                  move_fraction, max_moves)
     for got in (by_position, by_id):
         np.testing.assert_array_equal(got[0], want[0])
