@@ -295,7 +295,8 @@ class HermesAdjust(HermesIlp):
                                           "window set" if from_token is not None else "window set from prompt")
             if window_set is not None:
                 self._pool = _MemoPool(window.t1, window_set, dense, leftover, placement.on_gpu,
-                                       self._hot_ids(placement, window.t1), layout.group_starts())
+                                       self._hot_ids(placement, window.t1), self.ctx.group_blocks,
+                                       self.ctx.group_shift)
                 return self._pool
         mask = carried if carried is not None else np.zeros(self.ctx.n_neurons, dtype=bool)
         for ids in turned_on:
@@ -571,12 +572,13 @@ class _MemoPool:
     decision: O(GPU neurons + leftovers + what is ranked), none over all neurons."""
 
     def __init__(self, t1: int, window_set: _WindowSet, dense: np.ndarray, leftover: np.ndarray,
-                 on_gpu: np.ndarray, hot: np.ndarray, group_starts: np.ndarray) -> None:
+                 on_gpu: np.ndarray, hot: np.ndarray, group_blocks: np.ndarray, group_shift: int) -> None:
         self.t1, self.window_set, self.on_gpu, self.consumed = t1, window_set, on_gpu, False
-        n_stage = len(group_starts) - 1
+        n_stage = (len(window_set.starts) - 1) // 16
         self.states = dense.take
         self.leftover, self.leftover_cell, cells, self.hot_state = _memo_pool_cells(
-            window_set.bits, window_set.starts, hot, group_starts, dense, leftover.astype(np.int32), on_gpu)
+            window_set.bits, window_set.starts, hot, group_blocks, group_shift, dense, leftover.astype(np.int32),
+            on_gpu)
         self.hot = hot
         self.cells = cells.reshape(n_stage, 16)
 
@@ -596,11 +598,11 @@ class _MemoPool:
 
 
 @kernel
-def _memo_pool_cells(bits, starts, hot, group_starts, dense, leftover, on_gpu):
+def _memo_pool_cells(bits, starts, hot, group_blocks, group_shift, dense, leftover, on_gpu):
     """A replayed window's pool: (leftovers still candidates, their cells, (G * 16,) candidates per
     cell, the GPU neurons' states). Candidates are the window set (packed ``bits``, ``starts`` of
-    its cell runs) less the GPU neurons ``hot`` (sorted: their stages come from
-    ``group_starts``), plus the leftovers that are cold and not in the set.
+    its cell runs) less the GPU neurons ``hot``, plus the leftovers that are cold and not in the
+    set. A neuron's stage is ``group_blocks[id >> group_shift]`` (see SchedContext).
 
     The loops are kept free of data-dependent branches and of chains of increments of one counter
     (most GPU neurons share a cell): each a few cycles per neuron."""
@@ -615,11 +617,9 @@ def _memo_pool_cells(bits, starts, hot, group_starts, dense, leftover, on_gpu):
         members[m] = k
         m += (bits[h >> 3] >> (7 - (h & 7))) & 1
     removed = np.zeros(4 * n_cells, np.int64)           # four interleaved counts per cell
-    stage = 0
     for j in range(m):
         k = members[j]
-        while hot[k] >= group_starts[stage + 1]:
-            stage += 1
+        stage = group_blocks[hot[k] >> group_shift]
         removed[(j & 3) * n_cells + stage * 16 + 15 - hot_state[k]] += 1
     cells = np.empty(n_cells, np.int64)
     for c in range(n_cells):
@@ -628,13 +628,9 @@ def _memo_pool_cells(bits, starts, hot, group_starts, dense, leftover, on_gpu):
     kept = np.empty(len(leftover), np.int32)
     kept_cell = np.empty(len(leftover), np.int32)
     n = 0
-    stage = 0
-    for i in leftover:            # (in stage order, as the last decision left them; any order works)
+    for i in leftover:
         if not on_gpu[i] and not (bits[i >> 3] >> (7 - (i & 7))) & 1:
-            if i < group_starts[stage]:
-                stage = 0
-            while i >= group_starts[stage + 1]:
-                stage += 1
+            stage = group_blocks[i >> group_shift]
             kept[n] = i
             kept_cell[n] = stage * 16 + 15 - dense[i]
             cells[kept_cell[n]] += 1

@@ -103,7 +103,6 @@ def test_memo_pool_cells_matches_numpy():
     rng = np.random.default_rng(3)
     n_stage, per_stage = 4, 1000
     n = n_stage * per_stage
-    group_starts = np.arange(n_stage + 1, dtype=np.int64) * per_stage
     dense = rng.integers(0, 16, n).astype(np.uint8)
     dense[rng.random(n) < 0.5] = 15                                  # most share a state (a cell)
     on_gpu = rng.random(n) < 0.3
@@ -114,7 +113,8 @@ def test_memo_pool_cells_matches_numpy():
     starts = np.concatenate([[0], np.cumsum(np.bincount(ws_cells, minlength=n_stage * 16))]).astype(np.int64)
     hot = np.flatnonzero(on_gpu)
     leftover = rng.permutation(rng.choice(n, 500, replace=False)).astype(np.int64)   # any order
-    kept, kept_cell, cells, hot_state = partition._memo_pool_cells(np.packbits(in_set), starts, hot, group_starts,
+    blocks = (np.arange(0, n, 8) // per_stage).astype(np.int32)   # stages start at multiples of 8
+    kept, kept_cell, cells, hot_state = partition._memo_pool_cells(np.packbits(in_set), starts, hot, blocks, 3,
                                                                    dense, leftover, on_gpu)
     want_kept = leftover[~on_gpu[leftover] & ~in_set[leftover]]
     np.testing.assert_array_equal(kept, want_kept)
