@@ -132,7 +132,7 @@ def _promotion_capacity(run: DecodeRun) -> float:
 
 
 #: _promotion_capacity's values, by simulator (its cost model and batch do not change)
-_CAPACITY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CAPACITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ObservationStack:

@@ -389,7 +389,7 @@ class HermesAdjust(HermesIlp):
         # candidate with a higher state than its partner swaps with it (one compiled pass)
         promote, evict, self._leftover, self._hot = _pair_swaps(
             np.asarray(cand, dtype=np.int32), np.asarray(c_key, dtype=np.int32), hot,
-            pool.hot_state if getattr(pool, "hot", None) is hot else pool.states(hot), ctx.layout.group_starts(),
+            pool.hot_state if pool.hot is hot else pool.states(hot), ctx.layout.group_starts(),
             cap if cap is not None else np.zeros(n_stage, dtype=np.int64), cap is not None)
         self._hot_checked_at = None                  # the moves are not applied yet
         if len(promote) == 0:
@@ -536,6 +536,9 @@ def _stage_counts(ids: np.ndarray, group_starts: np.ndarray) -> np.ndarray:
 class _MaskPool:
     """Promotion candidates given by a membership mask (the general case): every cold member is
     ranked. ``cells`` is (G, 16) candidates per (stage, 15 - state)."""
+
+    #: the GPU set whose states ``hot_state`` holds (a memo pool keeps them; this one does not)
+    hot, hot_state = None, None
 
     def __init__(self, t1: int, mask: np.ndarray, on_gpu: np.ndarray, states, group_starts: np.ndarray) -> None:
         self.t1, self.mask, self.states, self.consumed = t1, mask, states, False
