@@ -24,21 +24,32 @@ COMPILED: dict[str, Any] = {}
 
 
 def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` compiled with ``numba.njit(cache=True)`` on first use."""
+    """``fn`` compiled with ``numba.njit(cache=True)`` on first use.
+
+    A kernel may call other kernels of its own module by name: they are compiled first, so that
+    numba finds their dispatchers under those names."""
     compiled: Callable[..., Any] | None = None
 
-    @functools.wraps(fn)
-    def call(*args: Any) -> Any:
+    def compile_kernel() -> Callable[..., Any]:
         nonlocal compiled
         if compiled is None:
             import numba
 
+            for name in fn.__code__.co_names:
+                callee = fn.__globals__.get(name)
+                if callee is not call and hasattr(callee, "compile_kernel"):
+                    callee.compile_kernel()
             compiled = COMPILED[f"{fn.__module__}.{fn.__qualname__}"] = numba.njit(cache=True, nogil=True)(fn)
             # later calls by name from the kernel's own module (the usual caller) go straight to
             # numba's dispatcher: this wrapper costs about 1 us a call, ~15 calls an env step
             if fn.__globals__.get(fn.__name__) is call:
                 fn.__globals__[fn.__name__] = compiled
-        return compiled(*args)
+        return compiled
 
-    call.py_func = fn          # type: ignore[attr-defined]
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        return (compiled if compiled is not None else compile_kernel())(*args)
+
+    call.py_func = fn                   # type: ignore[attr-defined]
+    call.compile_kernel = compile_kernel    # type: ignore[attr-defined]
     return call

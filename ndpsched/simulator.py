@@ -385,7 +385,7 @@ class DecodeRun:
         self.scratch = (np.zeros(sim.layout.n_neurons, dtype=np.int32), np.zeros(sim.layout.n_neurons, dtype=bool)) \
             if self.keep_active and self.replay is None else None
 
-        self._id_bits = np.zeros((sim.layout.n_neurons + 7) // 8, dtype=np.uint8)   # see _check_ids
+        self._id_bits = np.zeros((sim.layout.n_neurons + 7) // 8, dtype=np.uint8)   # see _mark_ids
         self.prefill = sim.cost.prefill_cost(P, B)
         self.breakdown = dict.fromkeys(COMPONENTS, 0.0)
         for k, v in self.prefill.items():
@@ -599,31 +599,29 @@ class DecodeRun:
         if change is None or (len(change.promote) == 0 and len(change.evict) == 0):
             return {"promoted": 0, "evicted": 0, "pcie_bytes": 0.0}
         ctx, placement = self.ctx, self.placement
-        promote = np.asarray(change.promote, dtype=np.int64)
-        evict = np.asarray(change.evict, dtype=np.int64)
-        who = who or f"partition '{self.sim.partition.registered_name}'"
-        moved = np.concatenate([evict, promote])          # (one check and one recount for both)
-        _check_ids(moved, ctx.n_neurons, who, self._id_bits)
-        # (one compiled pass: checks both lists against the GPU set, then flips them)
-        problem, delta, new_dev, copied = _swap_gpu_copies(promote, evict, placement.on_gpu, placement.home_dimm,
-                                                           ctx.group_blocks, ctx.group_shift, ctx.kind_bytes,
-                                                           ctx.model.n_layers)
+        promote, evict = _id_arrays(change.promote, change.evict)
+        # one compiled pass: checks the ids and both lists against the GPU set, flips them, and
+        # moves their counts (evicted neurons compute on their home DIMM, promoted ones on the GPU)
+        problem, delta, copied, self.n_moved = _apply_hot_change(
+            promote, evict, ctx.n_neurons, self._id_bits, placement.on_gpu, placement.home_dimm, ctx.model.n_layers,
+            *self._rekey_state())
         if problem:
-            raise ConfigError(f"{who} promoted a neuron already on the GPU or evicted one that is not")
+            who = who or f"partition '{self.sim.partition.registered_name}'"
+            raise ConfigError(f"{who} " + _ID_PROBLEMS[problem].format(n_max=ctx.n_neurons - 1))
         if delta > 0:   # a swap of equal sizes cannot overflow; only a net growth is checked
-            check_gpu_capacity(ctx, placement.on_gpu, who)
-        # evicted neurons compute on their home DIMM (device home + 1), promoted ones on the GPU (0)
-        self._rekey(moved, new_dev)
+            check_gpu_capacity(ctx, placement.on_gpu, who or f"partition '{self.sim.partition.registered_name}'")
         placement.hot_changes += 1
         placement.last_hot_change = change
         self.pending_pcie += copied
+        pcie_bytes = float(copied.sum())
         self.moves["promoted"] += len(promote)
         self.moves["evicted"] += len(evict)
-        self.moved_bytes["pcie"] += float(copied.sum())
-        out = {"promoted": len(promote), "evicted": len(evict), "pcie_bytes": float(copied.sum())}
-        for k, v in out.items():
-            self.decision[k] += v
-        return out
+        self.moved_bytes["pcie"] += pcie_bytes
+        decision = self.decision
+        decision["promoted"] += len(promote)
+        decision["evicted"] += len(evict)
+        decision["pcie_bytes"] += pcie_bytes
+        return {"promoted": len(promote), "evicted": len(evict), "pcie_bytes": pcie_bytes}
 
     def apply_balance(self, change: BalanceMoves | None, who: str | None = None) -> dict[str, float]:
         """Validate and apply a DIMM remap; its DIMM-link transfers are priced in the next window.
@@ -631,55 +629,42 @@ class DecodeRun:
         if change is None or len(change.neurons) == 0:
             return {"remapped": 0, "dimm_link_bytes": 0.0}
         ctx, placement = self.ctx, self.placement
-        idx = np.array(change.neurons, dtype=np.int64)      # a copy: the real moves are compacted in it
-        dest = np.asarray(change.dest, dtype=np.int64)
-        who = who or f"balancer '{self.sim.balancer.registered_name}'"
-        _check_ids(idx, ctx.n_neurons, who, self._id_bits)
+        idx, dest = _id_arrays(change.neurons, change.dest)
         if dest.shape != idx.shape:
+            who = who or f"balancer '{self.sim.balancer.registered_name}'"
             raise ConfigError(f"{who} returned {len(dest)} destinations for {len(idx)} neurons")
-        J, L = ctx.n_dimms, ctx.model.n_layers
-        # one compiled pass: the real moves (destination not the home), per-DIMM weight bytes
-        # (updated by the moves only: a full recount is O(neurons)), per (layer, DIMM) bytes sent
-        # and received, and the cold movers' new devices
-        sent, recv = np.zeros((L, J)), np.zeros((L, J))
-        n_real, moved_bytes, cold, cold_dev = _remap_homes(idx, dest, placement.home_dimm, placement.on_gpu,
-                                                           ctx.group_blocks, ctx.group_shift, ctx.kind_bytes,
-                                                           self.dimm_bytes, sent, recv)
-        if n_real < 0:
-            raise ConfigError(f"{who} returned destinations outside DIMMs 0..{ctx.n_dimms - 1}")
-        if self.dimm_bytes.max() > ctx.dimm_budget_bytes * (1 + 1e-9):
-            check_dimm_capacity(ctx, placement.home_dimm, who)   # names the DIMM
-        self._rekey(cold, cold_dev)
-        self.moves["remapped"] += n_real
-        if not change.priced:                    # a bound's free moves (see BalanceMoves)
-            self.decision["remapped"] += n_real
-            return {"remapped": n_real, "dimm_link_bytes": 0.0}
-        # DIMM-link time per layer: the busiest DIMM port (sent or received bytes) bounds it
-        port = np.maximum(sent, recv).max(axis=1)
         cost = self.sim.cost
-        self.pending_link += np.where(port > 0, port / cost.link_bw + cost.link_lat_s, 0.0)
+        # one compiled pass: checks, the real moves (destination not the home), per-DIMM weight
+        # bytes (updated by the moves only: a full recount is O(neurons)), the DIMM-link time per
+        # layer (the busiest DIMM port bounds it) and the cold movers' counts
+        problem, n_real, moved_bytes, fullest, self.n_moved = _apply_remap(
+            idx, dest, ctx.n_neurons, self._id_bits, placement.home_dimm, placement.on_gpu, self.dimm_bytes,
+            ctx.model.n_layers, change.priced, cost.link_bw, cost.link_lat_s, self.pending_link, *self._rekey_state())
+        if problem:
+            who = who or f"balancer '{self.sim.balancer.registered_name}'"
+            detail = f"returned destinations outside DIMMs 0..{ctx.n_dimms - 1}" if problem == 3 else _ID_PROBLEMS[problem].format(n_max=ctx.n_neurons - 1)
+            raise ConfigError(f"{who} {detail}")
+        if fullest > ctx.dimm_budget_bytes * (1 + 1e-9):
+            check_dimm_capacity(ctx, placement.home_dimm, who or f"balancer '{self.sim.balancer.registered_name}'")
+        self.moves["remapped"] += n_real
+        self.decision["remapped"] += n_real
+        if not change.priced:                    # a bound's free moves (see BalanceMoves)
+            return {"remapped": n_real, "dimm_link_bytes": 0.0}
         self.moved_bytes["dimm_link"] += moved_bytes
-        out = {"remapped": n_real, "dimm_link_bytes": moved_bytes}
-        for k, v in out.items():
-            self.decision[k] += v
-        return out
+        self.decision["dimm_link_bytes"] += moved_bytes
+        return {"remapped": n_real, "dimm_link_bytes": moved_bytes}
 
-    def _rekey(self, idx: np.ndarray, new_dev: np.ndarray) -> None:
-        """Move neurons ``idx`` to compute device ``new_dev`` and update the incremental counts."""
-        if not len(idx):
-            return
-        packed = self._active_packed                  # a replayed window: read its bits in place
-        none = np.zeros(0, dtype=np.uint8)            # (for the arrays a call does not read)
-        track = self.whole_window
-        keys, ids = self.key_of[:0], np.zeros(0, dtype=np.int32)       # (for a run that does not track)
-        n_moved = _rekey_counts(
-            np.asarray(idx, dtype=np.int64), np.asarray(new_dev, dtype=np.int64), self.key_of, self.ctx.group_blocks,
-            self.ctx.group_shift, self.n_dev, packed is not None, none if packed is None else packed, self._active if packed is None else none,
-            self.total, self.union, self.sim.batch > 1, track,
-            *((self.base_key, self.moved, self.moved_ids, self.moved_base, self.n_moved)
-              if track else (keys, none.view(bool), ids, keys, 0)))
-        if track:
-            self.n_moved = n_moved
+    def _rekey_state(self) -> tuple:
+        """The arguments of :func:`_rekey_counts` after the movers: where neurons sit, their active
+        bits or counts, the incremental counts and the moved-neuron list."""
+        ctx, packed = self.ctx, self._active_packed        # a replayed window: its bits read in place
+        none = _NONE_U8                                    # (for the arrays a call does not read)
+        head = (self.key_of, ctx.group_blocks, ctx.group_shift, ctx.kind_bytes, self.n_dev, packed is not None,
+                none if packed is None else packed, self._active if packed is None else none,
+                self.total, self.union, self.sim.batch > 1, self.whole_window)
+        if self.whole_window:
+            return (*head, self.base_key, self.moved, self.moved_ids, self.moved_base, self.n_moved)
+        return (*head, self.key_of[:0], none.view(bool), _NONE_I32, self.key_of[:0], 0)
 
     # ---- summary -------------------------------------------------------------------------------------
     def result(self) -> SimResult:
@@ -810,47 +795,97 @@ def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_pa
     return n_moved
 
 
+#: what :func:`_apply_hot_change` / :func:`_apply_remap` found wrong, by their problem code
+_ID_PROBLEMS = {1: "returned neuron ids outside 0..{n_max}",
+                2: "returned the same neuron twice in one decision (or promoted and evicted it)",
+                4: "promoted a neuron already on the GPU or evicted one that is not"}
+_NONE_U8 = np.zeros(0, dtype=np.uint8)
+_NONE_I32 = np.zeros(0, dtype=np.int32)
+
+
+def _id_arrays(a, b) -> tuple[np.ndarray, np.ndarray]:
+    """Two id arrays of one integer dtype: int32 kept where both are (the compiled passes are
+    built for int32 and int64 pairs), else int64."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype == np.int32 and b.dtype == np.int32:
+        return a, b
+    return a.astype(np.int64, copy=False), b.astype(np.int64, copy=False)
+
+
 @kernel
-def _swap_gpu_copies(promote, evict, on_gpu, home_dimm, group_blocks, group_shift, kind_bytes, n_layers):
-    """Check a hot/cold change (every ``promote`` off the GPU, every ``evict`` on it) and, if it
-    holds, apply it to ``on_gpu``. Returns (1 if it does not hold else 0, promoted minus evicted
-    bytes, the movers' new devices (evicted: home DIMM + 1, promoted: 0, evicted first), bytes
-    copied to the GPU per layer)."""
-    for i in promote:
-        if on_gpu[i]:
-            return 1, 0.0, np.zeros(0, np.int64), np.zeros(n_layers)
-    for i in evict:
-        if not on_gpu[i]:
-            return 1, 0.0, np.zeros(0, np.int64), np.zeros(n_layers)
+def _apply_hot_change(promote, evict, n, id_bits, on_gpu, home_dimm, n_layers, key_of, group_blocks, group_shift,
+                      kind_bytes, n_dev, use_packed, packed, active, total, union, batched, track, base_key, moved,
+                      moved_ids, moved_base, n_moved):
+    """Check a hot/cold change (ids in 0..n-1, none twice, every ``promote`` off the GPU, every
+    ``evict`` on it) and, if it holds, apply it: ``on_gpu`` flipped, the movers' counts moved by
+    :func:`_rekey_counts` (evicted neurons to their home DIMM + 1, promoted ones to the GPU, 0).
+    Returns (problem: 0, or 1 / 2 / 4 as in ``_ID_PROBLEMS`` with nothing changed; promoted minus
+    evicted bytes; bytes copied to the GPU per layer; the new length of the moved list)."""
+    problem, k_evict = _mark_ids(evict, n, id_bits)
+    k_promote = 0
+    if problem == 0:
+        problem, k_promote = _mark_ids(promote, n, id_bits)
+    _unmark_ids(evict, k_evict, id_bits)
+    _unmark_ids(promote, k_promote, id_bits)
     copied = np.zeros(n_layers)
-    new_dev = np.zeros(len(evict) + len(promote), np.int64)
+    if problem == 0:
+        for i in promote:
+            if on_gpu[i]:
+                problem = 4
+                break
+        for i in evict:
+            if not on_gpu[i]:
+                problem = 4
+                break
+    if problem:
+        return problem, 0.0, copied, n_moved
+    n_evict = len(evict)
+    idx = np.empty(n_evict + len(promote), np.int64)
+    new_dev = np.zeros(len(idx), np.int64)
     delta = 0.0
-    for k in range(len(evict)):
+    for k in range(n_evict):
         i = evict[k]
         on_gpu[i] = False
         delta -= kind_bytes[group_blocks[i >> group_shift] & 1]
+        idx[k] = i
         new_dev[k] = home_dimm[i] + 1
-    for i in promote:
+    for k in range(len(promote)):
+        i = promote[k]
         on_gpu[i] = True
         group = group_blocks[i >> group_shift]
         delta += kind_bytes[group & 1]
         copied[group >> 1] += kind_bytes[group & 1]
-    return 0, delta, new_dev, copied
+        idx[n_evict + k] = i
+    n_moved = _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_packed, packed, active,
+                            total, union, batched, track, base_key, moved, moved_ids, moved_base, n_moved)
+    return 0, delta, copied, n_moved
 
 
 @kernel
-def _remap_homes(idx, dest, home_dimm, on_gpu, group_blocks, group_shift, kind_bytes, dimm_bytes, sent, recv):
-    """Apply a DIMM remap: neuron ``idx[k]`` gets home ``dest[k]``. The real moves (destination not
-    the home) are compacted to the front of ``idx``; ``dimm_bytes`` (J,) and ``sent`` / ``recv``
-    (L, J) bytes per layer and DIMM port are updated. Returns (real moves, or -1 with nothing
-    changed if a destination is outside 0..J-1, their bytes, the cold movers and their new
-    devices (DIMM + 1))."""
+def _apply_remap(idx, dest, n, id_bits, home_dimm, on_gpu, dimm_bytes, n_layers, priced, link_bw, link_lat_s,
+                 pending_link, key_of, group_blocks, group_shift, kind_bytes, n_dev, use_packed, packed, active, total,
+                 union, batched, track, base_key, moved, moved_ids, moved_base, n_moved):
+    """Check a DIMM remap (ids in 0..n-1, none twice, destinations in 0..J-1) and, if it holds,
+    apply it: neuron ``idx[k]`` gets home ``dest[k]``; ``dimm_bytes`` (J,) follows the real moves
+    (destination not the home); with ``priced``, ``pending_link`` (L,) gains each layer's DIMM-link
+    time (its busiest DIMM port, sent or received bytes, over ``link_bw``, plus ``link_lat_s``);
+    the cold movers' counts move to their new DIMM (:func:`_rekey_counts`).
+
+    Returns (problem: 0, or 1 / 2 as in ``_ID_PROBLEMS`` / 3 for a destination outside the DIMMs,
+    with nothing changed; real moves; their bytes; the fullest DIMM's bytes; the moved list's length)."""
+    problem, k_marked = _mark_ids(idx, n, id_bits)
+    _unmark_ids(idx, k_marked, id_bits)
     J = len(dimm_bytes)
-    for d in dest:
-        if d < 0 or d >= J:
-            return -1, 0.0, idx[:0], idx[:0]
+    if problem == 0:
+        for d in dest:
+            if d < 0 or d >= J:
+                problem = 3
+                break
+    if problem:
+        return problem, 0, 0.0, 0.0, n_moved
+    sent, recv = np.zeros((n_layers, J)), np.zeros((n_layers, J))
     n_real = n_cold = 0
-    total = 0.0
+    moved_bytes = 0.0
     cold = np.empty(len(idx), np.int64)
     cold_dev = np.empty(len(idx), np.int64)
     for k in range(len(idx)):
@@ -865,42 +900,54 @@ def _remap_homes(idx, dest, home_dimm, on_gpu, group_blocks, group_shift, kind_b
         dimm_bytes[src] -= b
         sent[group >> 1, src] += b
         recv[group >> 1, d] += b
-        total += b
-        idx[n_real] = i
+        moved_bytes += b
         n_real += 1
         if not on_gpu[i]:
             cold[n_cold], cold_dev[n_cold] = i, d + 1
             n_cold += 1
-    return n_real, total, cold[:n_cold].copy(), cold_dev[:n_cold].copy()
-
-
-def _check_ids(idx: np.ndarray, n: int, who: str, bits: np.ndarray) -> None:
-    """Ids in 0..n-1, none twice. ``bits``: (n / 8,) uint8 scratch, all zero between calls."""
-    problem = _id_problem(np.asarray(idx, dtype=np.int64), n, bits)
-    if problem == 1:
-        raise ConfigError(f"{who} returned neuron ids outside 0..{n - 1}")
-    if problem == 2:
-        raise ConfigError(f"{who} returned the same neuron twice in one decision (or promoted and evicted it)")
+    if priced:
+        for layer in range(n_layers):
+            port = 0.0
+            for j in range(J):
+                port = max(port, sent[layer, j], recv[layer, j])
+            if port > 0:
+                pending_link[layer] += port / link_bw + link_lat_s
+    n_moved = _rekey_counts(cold[:n_cold], cold_dev[:n_cold], key_of, group_blocks, group_shift, n_dev, use_packed,
+                            packed, active, total, union, batched, track, base_key, moved, moved_ids, moved_base,
+                            n_moved)
+    return 0, n_real, moved_bytes, dimm_bytes.max(), n_moved
 
 
 @kernel
-def _id_problem(idx, n, bits):
-    """0 if ids ``idx`` are in 0..n-1 and distinct, 1 if one is out of range, 2 if one repeats.
-    Each id's bit is set in the packed scratch ``bits`` (N / 8 bytes: it stays in cache, where
-    an (N,) stamp array took a cache miss per id) and cleared again before returning."""
-    problem = 0
+def _mark_ids(idx, n, bits):
+    """Set the packed bit (``bits``: (n / 8,) uint8 scratch) of each id of ``idx``. Returns (0, all
+    of them) if they are in 0..n-1 and distinct, else (1 for one out of range / 2 for a repeat,
+    how many were marked before it). :func:`_unmark_ids` clears them again: a packed bitmap stays
+    in cache, where an (n,) stamp array took a cache miss per id."""
     k = 0
     while k < len(idx):
         i = idx[k]
         if i < 0 or i >= n:
-            problem = 1
-            break
+            return 1, k
         mask = np.uint8(1 << (i & 7))
         if bits[i >> 3] & mask:
-            problem = 2
-            break
+            return 2, k
         bits[i >> 3] |= mask
         k += 1
+    return 0, k
+
+
+@kernel
+def _unmark_ids(idx, k, bits):
+    """Clear what :func:`_mark_ids` set for the first ``k`` ids of ``idx``."""
     for j in range(k):
         bits[idx[j] >> 3] = 0
+
+
+@kernel
+def _id_problem(idx, n, bits):
+    """0 if ids ``idx`` are in 0..n-1 and distinct, 1 if one is out of range, 2 if one repeats
+    (``bits`` all zero before and after)."""
+    problem, k = _mark_ids(idx, n, bits)
+    _unmark_ids(idx, k, bits)
     return problem
