@@ -41,6 +41,7 @@ class SequenceReplay:
         self.have = np.zeros(n_rows, dtype=bool)
         self.bits[0] = np.packbits(active_at_first)
         self.have[0] = True
+        self.n_leading = 1            # rows 0 .. n_leading - 1 are all present (the common check)
         self.window_counts: dict[tuple[int, int], np.ndarray] = {}
         self.window_changed: dict[tuple[int, int], np.ndarray] = {}
         self.memo: dict[tuple[int, int], dict] = {}
@@ -56,13 +57,15 @@ class SequenceReplay:
         """(t1 - t0 + 1, N / 8) packed active sets at tokens t0 - 1 .. t1 - 1, or None if a token
         of the window has not been simulated yet."""
         r0, r1 = t0 - 1 - self.first_token, t1 - self.first_token
-        return self.bits[r0: r1] if self.have[r0: r1].all() else None
+        return self.bits[r0: r1] if r1 <= self.n_leading or self.have[r0: r1].all() else None
 
     def store(self, token: int, active: np.ndarray) -> None:
         """Record the (N,) 0/1 active set at ``token``."""
         r = token - self.first_token
         self.bits[r] = np.packbits(active)
         self.have[r] = True
+        while self.n_leading < len(self.have) and self.have[self.n_leading]:
+            self.n_leading += 1
 
     def counts(self, t0: int, t1: int) -> np.ndarray:
         """(N,) uint8 active-token count of every neuron over tokens [t0, t1) (cached)."""

@@ -145,6 +145,8 @@ class Simulator:
         # batch -> prompt frequencies; (batch, initial placement) -> active counts at the start
         self._prefill_freqs: dict[tuple[int, ...], np.ndarray] = {}
         self._start_counts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # (first token, end) of a window -> (T,) float cached tokens each of its steps attends to
+        self._kv_lens: dict[tuple[int, int], np.ndarray] = {}
         self._replay_bytes = 0
 
     @staticmethod
@@ -444,15 +446,23 @@ class DecodeRun:
         P, w0 = sim.prompt_len, self.next_step
         w1 = min(w0 + sim.window_tokens, sim.gen_len)
         n = w1 - w0
+        L, n_dev = sim.model.n_layers, self.n_dev
         if self.whole_window:
-            toggles = self._advance_whole_window(P + w0, P + w1)
+            toggles, window_load, per_dev, all_work = self._advance_whole_window(P + w0, P + w1)
         else:
             toggles = [self._advance_token(P + g, g - w0) for g in range(w0, w1)]
-        L, n_dev = sim.model.n_layers, self.n_dev
+            window_load = self.total_buf[:n].sum(axis=0)
+            per_dev = window_load.reshape(2 * L, n_dev).sum(axis=0)
+            all_work = float(per_dev.sum())
+        window_load = window_load.reshape(2 * L, n_dev)
         pcie, link = self.pending_pcie, self.pending_link
+        kv_len = sim._kv_lens.get((P + w0, P + w1))
+        if kv_len is None:
+            kv_len = sim._kv_lens[(P + w0, P + w1)] = np.arange(P + w0, P + w1) + 1.0
+            kv_len.flags.writeable = False
         cost = sim.cost.steps_cost(
             self.union_buf[:n].reshape(n, 2 * L, n_dev), None if B == 1 else self.total_buf[:n].reshape(n, 2 * L, n_dev),
-            np.arange(P + w0, P + w1) + 1, B, pcie if pcie.any() else None, link if link.any() else None)
+            kv_len, B, pcie if pcie.any() else None, link if link.any() else None)
         pcie[:] = 0
         link[:] = 0
         self.token_s[w0:w1] = cost.step_s
@@ -461,10 +471,8 @@ class DecodeRun:
             self.breakdown[k] += v
         for k, v in cost.stage_s.items():
             self.stage_s[k] = self.stage_s.get(k, 0.0) + v
-        window_load = self.total_buf[:n].sum(axis=0).reshape(2 * L, n_dev)
-        per_dev = window_load.sum(axis=0)
         self.gpu_work += per_dev[0]
-        self.all_work += per_dev.sum()
+        self.all_work += all_work
         if self.bar is not None:
             self.bar.update(n)
             if w1 >= sim.gen_len:
@@ -477,7 +485,7 @@ class DecodeRun:
             memo = WindowMemo(self.replay, P + w0, P + w1, sim._reserve_replay_bytes)
         activity = WindowActivity(P + w0, P + w1, window_load, self._active_source() if self.keep_active else None,
                                   toggles, scratch=self.scratch, window_counts=counts, memo=memo)
-        self.last = WindowOutcome(P + w0, P + w1, cost, activity, float(per_dev[0]), float(per_dev.sum()), per_dev)
+        self.last = WindowOutcome(P + w0, P + w1, cost, activity, float(per_dev[0]), all_work, per_dev)
         # policies that observe the whole run (learned policies, hindsight oracles) reach it here
         activity.run, activity.outcome = self, self.last
         self.prior_decision, self.decision = self.decision, dict.fromkeys(self.decision, 0.0)
@@ -518,8 +526,9 @@ class DecodeRun:
             self.union_buf[row] = union
         return out
 
-    def _advance_whole_window(self, t0: int, t1: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-        """Tokens [t0, t1) of the batch's one sequence at once (computed set = true set).
+    def _advance_whole_window(self, t0: int, t1: int) -> tuple[list, np.ndarray, np.ndarray, float]:
+        """Tokens [t0, t1) of the batch's one sequence at once (computed set = true set). Returns the
+        window's toggles, its (K,) load per cell and (J+1,) per device, and its activations.
 
         The count deltas come from the cached per-token deltas under the initial keys; only the
         neurons moved since then are re-counted: from the replay's active sets where the sequence
@@ -552,13 +561,8 @@ class DecodeRun:
             # that do not toggle in it (about 60 % of them under hermes.adjust)
             _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_ids,
                                      self.moved_base, self.n_moved, self.key_of, self.K)
-        # the counts after each token: a running sum row by row (np.cumsum along the short axis
-        # of an (n, K) array walks K columns of n: 20 us where these n adds take 3)
-        steps = self.total_buf[:n]
-        np.add(deltas[0], self.total, out=steps[0])
-        for t in range(1, n):
-            np.add(steps[t - 1], deltas[t], out=steps[t])
-        self.total[:] = steps[n - 1]
+        # the counts after each token, the window's load per cell and per device (one compiled pass)
+        window_load, per_dev, all_work = _running_counts(deltas, self.total, self.total_buf[:n], self.n_dev)
         toggles = [[(on, off)] for on, off in zip(*parts)]
         for obs in self.observers:
             for t, (on, off) in enumerate(zip(*parts), start=t0):
@@ -572,7 +576,7 @@ class DecodeRun:
                     self.active[off] = 0
                     if replay is not None:
                         replay.store(t, self.active)
-        return toggles
+        return toggles, window_load, per_dev, all_work
 
     def _fix_moved(self, flat_deltas: np.ndarray, step: np.ndarray, ids: np.ndarray, sign) -> None:
         """Re-count toggles of moved neurons ``ids`` at window steps ``step`` (``sign`` +1 for on,
@@ -702,6 +706,25 @@ def _merge_summaries(summaries: list[dict[str, float]]) -> dict[str, float]:
 def _is_online(policy, base: type) -> bool:
     """True when ``policy`` overrides the base class's online ``_update`` hook."""
     return type(policy)._update is not base._update
+
+
+@kernel
+def _running_counts(deltas, total, steps, n_dev):
+    """The counts after each token of a window: ``steps[t] = total + deltas[0] + ... + deltas[t]``
+    ((n, K) count deltas, float rows out); ``total`` becomes the last row. Returns the window's
+    load (K,) (the rows' sum), its (n_dev,) sum per device (cell k's device is k % n_dev) and its
+    activations. (Row by row: np.cumsum along the short axis of an (n, K) array walks K columns.)"""
+    n, K = deltas.shape
+    load = np.zeros(K)
+    for t in range(n):
+        for k in range(K):
+            total[k] += deltas[t, k]
+            steps[t, k] = total[k]
+            load[k] += total[k]
+    per_dev = np.zeros(n_dev)
+    for k in range(K):
+        per_dev[k % n_dev] += load[k]
+    return load, per_dev, per_dev.sum()
 
 
 @kernel
