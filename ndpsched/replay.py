@@ -109,12 +109,15 @@ class WindowMemo:
         self.visits = replay.visits[window] = replay.visits.get(window, 0) + 1
         self._reserve = reserve
 
-    def get(self, key: Hashable) -> np.ndarray | None:
+    def get(self, key: Hashable) -> np.ndarray | tuple | None:
         """The value stored under ``key`` (name it after the policy and its parameters), or None."""
         return self._store.get(key)
 
-    def put(self, key: Hashable, value: np.ndarray) -> None:
-        """Keep ``value`` (made read-only) for later visits, if the replay budget allows."""
-        if key not in self._store and self._reserve(value.nbytes):
-            value.flags.writeable = False
+    def put(self, key: Hashable, value: np.ndarray | tuple) -> None:
+        """Keep ``value`` (an array or a tuple of arrays, made read-only) for later visits, if the
+        replay budget allows."""
+        arrays = value if isinstance(value, tuple) else (value,)
+        if key not in self._store and self._reserve(sum(a.nbytes for a in arrays)):
+            for a in arrays:
+                a.flags.writeable = False
             self._store[key] = value

@@ -229,8 +229,7 @@ class HermesWindow(WindowRebalancer):
 
     def _rebalance_groups(self, window: WindowActivity, placement: Placement, groups: np.ndarray) -> BalanceMoves | None:
         p, ctx = self.params, self.ctx
-        load = np.ascontiguousarray(window.device_load[groups, 1:], dtype=np.float64)    # (G, J) Z_j per stage
-        groups = groups.astype(np.int64)
+        groups = np.asarray(groups, dtype=np.int64)
         counts = window.all_counts()
         if counts is None:               # the candidates and their counts, from the toggles
             ids, _, counts = _window_candidates(ctx, window, placement, groups, p.candidate_stride, self._windows)
@@ -238,6 +237,7 @@ class HermesWindow(WindowRebalancer):
         else:                            # a replayed window: the kernel reads the (N,) counts and the
             members, ptr = _strided_members(ctx.layout, p.candidate_stride)[self._windows % p.candidate_stride]
             runs, by_id = groups, True   # stages' members in place
+        load = np.ascontiguousarray(window.device_load, dtype=np.float64)   # (2L, J + 1): Z_j of stage g is [g, 1 + j]
         neurons, dest = _algorithm1(load, groups, ctx.group_blocks, ctx.group_shift, ctx.layout.n_groups,
                                     members, ptr, runs, counts, by_id, placement.on_gpu,
                                     placement.home_dimm, float(p.move_fraction), int(p.max_moves_per_stage))
@@ -247,7 +247,8 @@ class HermesWindow(WindowRebalancer):
 @kernel
 def _algorithm1(load, groups, group_blocks, group_shift, n_groups, members, ptr, runs, counts, by_id, on_gpu, home_dimm,
                 move_fraction, max_moves):
-    """Hermes Algorithm 1 on the stages ``groups`` with (G, J) DIMM loads ``load``: in each stage
+    """Hermes Algorithm 1 on the stages ``groups`` with DIMM loads ``load[g, 1 + j]`` ((stages, J + 1)
+    device loads, GPU first): in each stage
     the DIMM of load rank r (0 = busiest, ties by DIMM index) is paired with rank J-1-r, and for
     r < J/2 its candidates (the cold ids on it that fired among ``members[ptr[r]: ptr[r + 1]]``
     for r in ``runs``, in that order: activation counts ``counts[id]`` with ``by_id``, else
@@ -256,7 +257,7 @@ def _algorithm1(load, groups, group_blocks, group_shift, n_groups, members, ptr,
     (at most ``max_moves`` per DIMM if > 0). (Runs, not one array: a replayed window's
     candidates are whole stages of a cached member list, read in place instead of copied.)
     Returns (neurons, destination DIMMs), by stage, DIMM, then count."""
-    G, J = load.shape
+    G, J = len(groups), load.shape[1] - 1
     # per (stage, DIMM) cell: busy (rank < J/2), its partner, and the load it may shed
     partner = np.empty(G * J, np.int64)
     busy = np.zeros(G * J, np.bool_)
@@ -264,10 +265,11 @@ def _algorithm1(load, groups, group_blocks, group_shift, n_groups, members, ptr,
     at_rank = np.empty(J, np.int64)
     rank = np.empty(J, np.int64)
     for g in range(G):
+        z = load[groups[g], 1:]
         for d in range(J):
             r = 0
             for e in range(J):
-                if load[g, e] > load[g, d] or (load[g, e] == load[g, d] and e < d):
+                if z[e] > z[d] or (z[e] == z[d] and e < d):
                     r += 1
             rank[d] = r
             at_rank[r] = d
@@ -275,7 +277,7 @@ def _algorithm1(load, groups, group_blocks, group_shift, n_groups, members, ptr,
             c = g * J + d
             partner[c] = at_rank[J - 1 - rank[d]]
             busy[c] = rank[d] < J // 2
-            allowance[c] = move_fraction / 2.0 * (load[g, d] - load[g, partner[c]])
+            allowance[c] = move_fraction / 2.0 * (z[d] - z[partner[c]])
     position = np.full(n_groups, -1, np.int64)
     for k in range(G):
         position[groups[k]] = k

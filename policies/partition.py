@@ -310,9 +310,8 @@ class HermesAdjust(HermesIlp):
         from the replay memo under ``what`` (built on the second visit), or None where the memo
         has no room."""
         memo, key = window.memo, self._memo_key(what)
-        names = ("ids", "cells", "starts", "bits")
-        arrays = [memo.get(key + (name,)) for name in names]
-        if any(a is None for a in arrays):
+        window_set = memo.get(key)
+        if window_set is None:
             if memo.visits < 2:
                 return None
             mask = np.zeros(self.ctx.n_neurons, dtype=bool)
@@ -323,17 +322,14 @@ class HermesAdjust(HermesIlp):
             cell = _cells(self.ctx.group_of, dense, ids).astype(_cell_dtype(n_stage))
             order = np.argsort(cell, kind="stable")              # ids stay by id within a cell
             starts = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_stage * 16))])
-            arrays = [ids.take(order).astype(np.int32), cell.take(order), starts, np.packbits(mask)]
-            for name, a in zip(names, arrays):
-                memo.put(key + (name,), a)
-            if any(memo.get(key + (name,)) is None for name in names):
-                return None                   # past the replay budget: build pools by mask
-        return _WindowSet(*arrays)
+            memo.put(key, _WindowSet(ids.take(order).astype(np.int32), cell.take(order), starts, np.packbits(mask)))
+            window_set = memo.get(key)        # None past the replay budget: pools are built by mask
+        return window_set
 
     def candidate_state_histogram(self, placement: Placement, window: WindowActivity) -> np.ndarray:
         """(16,) how many candidates of the next decision (cold neurons that turned on since the
         last one) are in each FSM state at the window's end."""
-        return self._candidate_pool(placement, window).cells.sum(axis=0)[::-1]
+        return self._candidate_pool(placement, window).state_totals[::-1].copy()
 
     def _hot_ids(self, placement: Placement, t1: int) -> np.ndarray:
         """Ids of the GPU-resident neurons, by id: the set this policy's last moves left, if the
@@ -374,9 +370,8 @@ class HermesAdjust(HermesIlp):
     def _update(self, window: WindowActivity, placement: Placement) -> PartitionMoves | None:
         ctx, p = self.ctx, self.params
         pool = self._candidate_pool(placement, window)
-        cells = pool.cells
         hot = self._hot_ids(placement, window.t1)
-        if len(hot) == 0 or not cells[:, :15 - p.hot_threshold].any():
+        if len(hot) == 0 or not pool.state_totals[:15 - p.hot_threshold].any():
             return None                      # nothing decided: the pool carries over
         pool.consumed = True
         n_stage = ctx.layout.n_groups
@@ -535,7 +530,8 @@ def _stage_counts(ids: np.ndarray, group_starts: np.ndarray) -> np.ndarray:
 
 class _MaskPool:
     """Promotion candidates given by a membership mask (the general case): every cold member is
-    ranked. ``cells`` is (G, 16) candidates per (stage, 15 - state)."""
+    ranked. ``cells`` is (G, 16) candidates per (stage, 15 - state), ``state_totals`` (16,) its
+    column sums."""
 
     #: the GPU set whose states ``hot_state`` holds (a memo pool keeps them; this one does not)
     hot, hot_state = None, None
@@ -550,6 +546,7 @@ class _MaskPool:
         self.key = (np.repeat(np.arange(n_stage, dtype=key_dtype) * 16, _stage_counts(self.ids, group_starts))
                     + (15 - states(self.ids)).astype(key_dtype))
         self.cells = np.bincount(self.key, minlength=n_stage * 16).reshape(n_stage, 16)
+        self.state_totals = self.cells.sum(axis=0)      # (16,) candidates per 15 - state
 
     def members(self) -> np.ndarray:
         """(N,) bool: the pool, to carry into the next one (hot members included)."""
@@ -579,9 +576,9 @@ class _MemoPool:
         self.t1, self.window_set, self.on_gpu, self.consumed = t1, window_set, on_gpu, False
         n_stage = (len(window_set.starts) - 1) // 16
         self.states = dense.take
-        self.leftover, self.leftover_cell, cells, self.hot_state = _memo_pool_cells(
-            window_set.bits, window_set.starts, hot, group_blocks, group_shift, dense, leftover.astype(np.int32),
-            on_gpu)
+        self.leftover, self.leftover_cell, cells, self.state_totals, self.hot_state = _memo_pool_cells(
+            window_set.bits, window_set.starts, hot, group_blocks, group_shift, dense,
+            np.asarray(leftover, dtype=np.int32), on_gpu)
         self.hot = hot
         self.cells = cells.reshape(n_stage, 16)
 
@@ -603,7 +600,7 @@ class _MemoPool:
 @kernel
 def _memo_pool_cells(bits, starts, hot, group_blocks, group_shift, dense, leftover, on_gpu):
     """A replayed window's pool: (leftovers still candidates, their cells, (G * 16,) candidates per
-    cell, the GPU neurons' states). Candidates are the window set (packed ``bits``, ``starts`` of
+    cell, (16,) per 15 - state over the stages, the GPU neurons' states). Candidates are the window set (packed ``bits``, ``starts`` of
     its cell runs) less the GPU neurons ``hot``, plus the leftovers that are cold and not in the
     set. A neuron's stage is ``group_blocks[id >> group_shift]`` (see SchedContext).
 
@@ -638,7 +635,10 @@ def _memo_pool_cells(bits, starts, hot, group_blocks, group_shift, dense, leftov
             kept_cell[n] = stage * 16 + 15 - dense[i]
             cells[kept_cell[n]] += 1
             n += 1
-    return kept[:n].copy(), kept_cell[:n].copy(), cells, hot_state
+    totals = np.zeros(16, np.int64)
+    for c in range(n_cells):
+        totals[c & 15] += cells[c]
+    return kept[:n].copy(), kept_cell[:n].copy(), cells, totals, hot_state
 
 
 @kernel

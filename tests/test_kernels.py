@@ -114,13 +114,14 @@ def test_memo_pool_cells_matches_numpy():
     hot = np.flatnonzero(on_gpu)
     leftover = rng.permutation(rng.choice(n, 500, replace=False)).astype(np.int64)   # any order
     blocks = (np.arange(0, n, 8) // per_stage).astype(np.int32)   # stages start at multiples of 8
-    kept, kept_cell, cells, hot_state = partition._memo_pool_cells(np.packbits(in_set), starts, hot, blocks, 3,
-                                                                   dense, leftover, on_gpu)
+    kept, kept_cell, cells, totals, hot_state = partition._memo_pool_cells(np.packbits(in_set), starts, hot, blocks,
+                                                                           3, dense, leftover, on_gpu)
     want_kept = leftover[~on_gpu[leftover] & ~in_set[leftover]]
     np.testing.assert_array_equal(kept, want_kept)
     np.testing.assert_array_equal(kept_cell, cell[want_kept])
     candidates = np.concatenate([np.flatnonzero(in_set & ~on_gpu), want_kept])
     np.testing.assert_array_equal(cells, np.bincount(cell[candidates], minlength=n_stage * 16))
+    np.testing.assert_array_equal(totals, cells.reshape(n_stage, 16).sum(axis=0))
     np.testing.assert_array_equal(hot_state, dense[hot])
 
 
@@ -196,7 +197,9 @@ def test_algorithm1_matches_argsort_version(seed, move_fraction, max_moves):
     cand = (A > 0) & ~on_gpu[ids]
     want = _algorithm1_by_numpy(load, groups, group_of, ids[cand], home[cand], A[cand], move_fraction, max_moves)
     whole = (ids, np.array([0, len(ids)]), np.zeros(1, dtype=np.int64))             # one run: all of them
-    by_position = balancer._algorithm1(load, groups, group_of, 0, n_groups, *whole, A, False, on_gpu, home_dimm,
+    device_load = rng.integers(0, 60, size=(n_groups, J + 1)).astype(np.float64)   # (stages, GPU + J DIMMs)
+    device_load[groups, 1:] = load
+    by_position = balancer._algorithm1(device_load, groups, group_of, 0, n_groups, *whole, A, False, on_gpu, home_dimm,
                                        move_fraction, max_moves)
     counts = np.zeros(n_groups * per_group, dtype=np.uint8)        # a replayed window's (N,) counts
     counts[ids] = A
@@ -205,7 +208,7 @@ def test_algorithm1_matches_argsort_version(seed, move_fraction, max_moves):
     members = np.concatenate(runs_of_group[::-1])
     ptr = np.concatenate([[0], np.cumsum([len(r) for r in runs_of_group[::-1]])])
     runs = np.arange(len(groups))[::-1].astype(np.int64)
-    by_id = balancer._algorithm1(load, groups, group_of, 0, n_groups, members, ptr, runs, counts, True, on_gpu, home_dimm,
+    by_id = balancer._algorithm1(device_load, groups, group_of, 0, n_groups, members, ptr, runs, counts, True, on_gpu, home_dimm,
                                  move_fraction, max_moves)
     for got in (by_position, by_id):
         np.testing.assert_array_equal(got[0], want[0])
