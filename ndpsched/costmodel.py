@@ -136,6 +136,7 @@ class CostModel:
         self._b1_gpu_fixed_s = np.tile(self._gpu_kernels_s + 2 * self.sync_s, self.n_layers)   # kernels + 2 syncs
         self._b1_dimm_per_neuron_s = np.tile(self._dimm_per_neuron_s[:, 0], self.n_layers)
         self._attention_cache: dict[int, float] = {}
+        self._window_attention: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
         #: measured GPU tables (None: roofline only); checked against the GPU preset
         self.profile = profile_for(g)
 
@@ -181,6 +182,20 @@ class CostModel:
         ``kv_len`` may be an array (one entry per step); the result has its shape.
         """
         return np.asarray(kv_len, dtype=np.float64) * self._attention_s_per_token(batch) + self.ndp_issue_s
+
+    def window_attention_s(self, first_kv: int, n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(kv_len, attention_s) of ``n`` consecutive decode steps attending to ``first_kv``,
+        ``first_kv + 1``, ... cached tokens: (n,) float arrays, read-only, kept per window (a
+        simulator prices the same windows episode after episode)."""
+        key = (first_kv, n, batch)
+        out = self._window_attention.get(key)
+        if out is None:
+            kv_len = np.arange(first_kv, first_kv + n, dtype=np.float64)
+            out = (kv_len, self.attention_s(kv_len, batch))
+            for a in out:
+                a.flags.writeable = False
+            self._window_attention[key] = out
+        return out
 
     def _attention_s_per_token(self, batch: int) -> float:
         """Seconds per cached token of one layer's decode attention on the busiest DIMM: the slower
@@ -251,7 +266,8 @@ class CostModel:
     # ---- decode steps -----------------------------------------------------------------------
     def steps_cost(self, union: np.ndarray, total: np.ndarray | None, kv_len: np.ndarray, batch: int,
                    migration_pcie_bytes: np.ndarray | None = None,
-                   migration_link_s: np.ndarray | None = None) -> StepsCost:
+                   migration_link_s: np.ndarray | None = None,
+                   attention_s: np.ndarray | None = None) -> StepsCost:
         """Price T consecutive decode steps at once (vectorized over steps and layers).
 
         Args:
@@ -261,6 +277,8 @@ class CostModel:
             batch: sequences in the batch.
             migration_pcie_bytes: (L,) hot-neuron copy bytes DIMM->GPU, done in the first step.
             migration_link_s: (L,) DIMM-link time of remaps (busiest port), done in the first step.
+            attention_s: (T,) :meth:`attention_s` of ``kv_len`` if the caller has it (see
+                :meth:`window_attention_s`).
         """
         union = np.asarray(union)
         if union.ndim == 2:
@@ -298,7 +316,7 @@ class CostModel:
             # sum over stages of the slowest DIMM / of the mean DIMM (J cancels: sum over DIMMs)
             imbalance = np.where(busy_sum > 0, slowest * self.n_dimms / np.maximum(busy_sum, 1e-300), 1.0)
         merge_kind, merge, proj, lm = self.fixed_times_s(batch)
-        attn = self.attention_s(kv_len, batch)                              # (T,)
+        attn = self.attention_s(kv_len, batch) if attention_s is None else attention_s     # (T,)
         layer = layer_stages + (merge + proj) + attn[:, None]
         exposed_s = 0.0
         if migration_pcie_bytes is not None or migration_link_s is not None:

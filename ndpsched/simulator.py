@@ -145,8 +145,6 @@ class Simulator:
         # batch -> prompt frequencies; (batch, initial placement) -> active counts at the start
         self._prefill_freqs: dict[tuple[int, ...], np.ndarray] = {}
         self._start_counts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-        # (first token, end) of a window -> (T,) float cached tokens each of its steps attends to
-        self._kv_lens: dict[tuple[int, int], np.ndarray] = {}
         self._replay_bytes = 0
 
     @staticmethod
@@ -456,13 +454,10 @@ class DecodeRun:
             all_work = float(per_dev.sum())
         window_load = window_load.reshape(2 * L, n_dev)
         pcie, link = self.pending_pcie, self.pending_link
-        kv_len = sim._kv_lens.get((P + w0, P + w1))
-        if kv_len is None:
-            kv_len = sim._kv_lens[(P + w0, P + w1)] = np.arange(P + w0, P + w1) + 1.0
-            kv_len.flags.writeable = False
+        kv_len, attention = sim.cost.window_attention_s(P + w0 + 1, n, B)     # (token t attends to t + 1)
         cost = sim.cost.steps_cost(
             self.union_buf[:n].reshape(n, 2 * L, n_dev), None if B == 1 else self.total_buf[:n].reshape(n, 2 * L, n_dev),
-            kv_len, B, pcie if pcie.any() else None, link if link.any() else None)
+            kv_len, B, pcie if pcie.any() else None, link if link.any() else None, attention)
         pcie[:] = 0
         link[:] = 0
         self.token_s[w0:w1] = cost.step_s
@@ -747,18 +742,21 @@ def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, moved_base, 
         i = moved_ids[j]
         ids[m], old[m] = i, moved_base[j]
         m += (changed[i >> 3] >> (7 - (i & 7))) & 1
-    n_blocks = (rows.shape[1] >> 6) + 2
-    at = np.zeros(n_blocks, np.int64)
+    # (consecutive moves often share a block: each block has four counters, the k-th neuron
+    # uses counter k % 4, so that an increment does not wait for the previous one's store)
+    n_slots = 4 * ((rows.shape[1] >> 6) + 1)
+    at = np.zeros(n_slots + 1, np.int64)
     for k in range(m):
-        at[(ids[k] >> 9) + 1] += 1
-    for b in range(n_blocks - 1):
+        at[((ids[k] >> 9) << 2) + (k & 3) + 1] += 1
+    for b in range(n_slots):
         at[b + 1] += at[b]
     by_block = np.empty(m, np.int32)
     by_block_old = np.empty(m, np.int32)
     for k in range(m):
-        b = ids[k] >> 9
-        by_block[at[b]], by_block_old[at[b]] = ids[k], old[k]
-        at[b] += 1
+        b = ((ids[k] >> 9) << 2) + (k & 3)
+        p = at[b]
+        by_block[p], by_block_old[p] = ids[k], old[k]
+        at[b] = p + 1
     new = np.empty(m, np.int32)
     for k in range(m):
         new[k] = key_of[by_block[k]]
