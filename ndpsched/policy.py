@@ -255,6 +255,13 @@ class Policy:
         """For policies with ``observes_tokens``: neurons that start (``on``) or stop (``off``)
         firing in at least one sequence of the batch at ``token`` (sorted ids). Default: nothing."""
 
+    def observe_window(self, token: int, ons: list[np.ndarray], offs: list[np.ndarray]) -> None:
+        """Tokens ``token``, ``token + 1``, ... at once (``ons[k]`` / ``offs[k]``: token + k's, as in
+        :meth:`observe`); the simulator calls it where it has a whole window's toggles. Default:
+        :meth:`observe` per token."""
+        for k, (on, off) in enumerate(zip(ons, offs)):
+            self.observe(token + k, on, off)
+
     def describe(self) -> dict[str, Any]:
         from dataclasses import asdict, is_dataclass
         params = asdict(self.params) if is_dataclass(self.params) else {}

@@ -560,8 +560,7 @@ class DecodeRun:
         window_load, per_dev, all_work = _running_counts(deltas, self.total, self.total_buf[:n], self.n_dev)
         toggles = [[(on, off)] for on, off in zip(*parts)]
         for obs in self.observers:
-            for t, (on, off) in enumerate(zip(*parts), start=t0):
-                obs.observe(t, on, off)
+            obs.observe_window(t0, *parts)
         if self.keep_active:
             if rows is not None:
                 self._active_packed = rows[-1]                     # unpacked when read

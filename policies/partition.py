@@ -228,6 +228,12 @@ class HermesAdjust(HermesIlp):
             self._turned_on_from = token
         self._turned_on.append(on)
 
+    def observe_window(self, token: int, ons: list[np.ndarray], offs: list[np.ndarray]) -> None:
+        self._pending.extend(zip(range(token, token + len(ons)), ons, offs))
+        if not self._turned_on:
+            self._turned_on_from = token
+        self._turned_on.extend(ons)
+
     def _memo_key(self, what: str) -> tuple:
         return ("hermes.adjust", what, self.params.state_inc, self.params.state_dec)
 

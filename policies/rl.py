@@ -86,6 +86,9 @@ class LearnedMixin:
     def observe(self, token: int, on: np.ndarray, off: np.ndarray) -> None:
         self.base.observe(token, on, off)
 
+    def observe_window(self, token: int, ons: list[np.ndarray], offs: list[np.ndarray]) -> None:
+        self.base.observe_window(token, ons, offs)
+
     def _act(self, window: WindowActivity) -> Any:
         """The model's setting for this role at this window (None = no move)."""
         from ndpsched.envs.actions import role_mask
