@@ -289,13 +289,17 @@ class CostModel:
         if kv_len.shape != (T,):
             kv_len = np.broadcast_to(kv_len, (T,))
         proj_sync = 2 * self.sync_s
+        merge_kind, merge, proj, lm = self.fixed_times_s(batch)
+        attn = self.attention_s(kv_len, batch) if attention_s is None else attention_s     # (T,)
         if total is None and self.profile is None:
             # batch 1 on the roofline (the envs' and the sweeps' case): one compiled pass over the
             # counts, no array of per-DIMM times (tests check it against the general path)
-            (layer_stages, per_stage, gpu_part, n_sync, dimm_part,
-             imbalance) = _batch1_window(np.ascontiguousarray(union, dtype=np.float64), self._b1_gpu_per_neuron_s,
-                                         self._b1_gpu_fixed_s, self._b1_dimm_per_neuron_s, self.ndp_issue_s,
-                                         self.n_dimms)
+            pcie_s = _NO_TIMES if migration_pcie_bytes is None else self.pcie_s(migration_pcie_bytes)
+            link_s = _NO_TIMES if migration_link_s is None else np.asarray(migration_link_s, dtype=np.float64)
+            (layer, step, per_stage, gpu_part, n_sync, dimm_part, imbalance, exposed_s,
+             attn_sum) = _batch1_steps(np.ascontiguousarray(union, dtype=np.float64), self._b1_gpu_per_neuron_s,
+                                       self._b1_gpu_fixed_s, self._b1_dimm_per_neuron_s, self.ndp_issue_s, self.n_dimms,
+                                       np.asarray(attn, dtype=np.float64), merge + proj, lm, proj, pcie_s, link_s)
             sync_part = proj_sync * n_sync
             gpu_part -= sync_part
         else:
@@ -309,24 +313,22 @@ class CostModel:
             sync_part = gpu_sync[gpu_critical].sum()
             busy_sum = dimm.sum(axis=(1, 2, 3))
             stage = np.maximum(gpu_side, dimm_max)                              # (T, L, 2)
-            layer_stages = stage.sum(axis=-1)
             per_stage = stage.sum(axis=(0, 1))                                  # (2,) qkv, ffn
             dimm_part = dimm_max[~gpu_critical].sum()
             slowest = dimm_max.reshape(T, -1).sum(axis=1)
             # sum over stages of the slowest DIMM / of the mean DIMM (J cancels: sum over DIMMs)
             imbalance = np.where(busy_sum > 0, slowest * self.n_dimms / np.maximum(busy_sum, 1e-300), 1.0)
-        merge_kind, merge, proj, lm = self.fixed_times_s(batch)
-        attn = self.attention_s(kv_len, batch) if attention_s is None else attention_s     # (T,)
-        layer = layer_stages + (merge + proj) + attn[:, None]
-        exposed_s = 0.0
-        if migration_pcie_bytes is not None or migration_link_s is not None:
-            pcie_s = np.zeros(L) if migration_pcie_bytes is None else self.pcie_s(migration_pcie_bytes)
-            link_s = np.zeros(L) if migration_link_s is None else migration_link_s
-            exposed = np.maximum(0.0, np.maximum(pcie_s, link_s) - proj)
-            layer[0] += exposed
-            exposed_s = float(exposed.sum())
-        step = layer.sum(axis=1) + lm
-        attn_s = float(L * attn.sum())
+            layer = stage.sum(axis=-1) + (merge + proj) + attn[:, None]
+            exposed_s = 0.0
+            if migration_pcie_bytes is not None or migration_link_s is not None:
+                pcie_s = np.zeros(L) if migration_pcie_bytes is None else self.pcie_s(migration_pcie_bytes)
+                link_s = np.zeros(L) if migration_link_s is None else migration_link_s
+                exposed = np.maximum(0.0, np.maximum(pcie_s, link_s) - proj)
+                layer[0] += exposed
+                exposed_s = float(exposed.sum())
+            step = layer.sum(axis=1) + lm
+            attn_sum = attn.sum()
+        attn_s = float(L * attn_sum)
         comps = {
             "gpu_compute": float(gpu_part + T * L * (proj - proj_sync)),
             "dimm_compute": float(dimm_part),
@@ -372,6 +374,44 @@ class CostModel:
             "pcie": self.n_layers * (per_layer - compute if per_layer > compute else 0.0),
             "gpu_compute": self.n_layers * compute + lm,
         }
+
+
+#: an empty (0,) time array: "none" for the compiled batch-1 pricing
+_NO_TIMES = np.zeros(0)
+
+
+@kernel
+def _batch1_steps(union, gpu_per_neuron, gpu_fixed, dimm_per_neuron, issue_s, n_dimms, attn, fixed_s, lm_s, proj_s,
+                  pcie_s, link_s):
+    """:func:`_batch1_window`, then the whole steps: a layer adds ``fixed_s`` (merges and the
+    projection) and its step's attention ``attn[t]``; the first step's layers add the migration
+    time the projection does not hide (max of ``pcie_s`` / ``link_s`` (L,) or empty arrays, minus
+    ``proj_s``, if positive); a step adds ``lm_s`` to its layers.
+
+    Returns (layer (T, L), step (T,), per-kind stage sums (2,), GPU-critical time, busy GPU
+    stages, DIMM-critical time, DIMM imbalance (T,), exposed migration time, attention sum)."""
+    layer, per_kind, gpu_part, n_sync, dimm_part, imbalance = _batch1_window(
+        union, gpu_per_neuron, gpu_fixed, dimm_per_neuron, issue_s, n_dimms)
+    T, L = layer.shape
+    for t in range(T):
+        for j in range(L):
+            layer[t, j] = layer[t, j] + fixed_s + attn[t]
+    exposed_s = 0.0
+    if len(pcie_s) or len(link_s):
+        for j in range(L):
+            late = max(pcie_s[j] if len(pcie_s) else 0.0, link_s[j] if len(link_s) else 0.0) - proj_s
+            if late > 0.0:
+                layer[0, j] += late
+                exposed_s += late
+    step = np.empty(T)
+    attn_sum = 0.0
+    for t in range(T):
+        total = 0.0
+        for j in range(L):
+            total += layer[t, j]
+        step[t] = total + lm_s
+        attn_sum += attn[t]
+    return layer, step, per_kind, gpu_part, n_sync, dimm_part, imbalance, exposed_s, attn_sum
 
 
 @kernel
