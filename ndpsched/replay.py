@@ -79,11 +79,14 @@ class SequenceReplay:
         return self.window_counts[key]
 
     def changed(self, t0: int, t1: int, rows: np.ndarray) -> np.ndarray:
-        """(N / 8,) uint8: bit-packed, the neurons whose activity at one of tokens [t0, t1) differs
-        from the token before (``rows``: :meth:`rows` of the window); cached per window."""
+        """uint8: bit-packed, the neurons whose activity at one of tokens [t0, t1) differs from the
+        token before (``rows``: :meth:`rows` of the window), zero-padded to whole 64-bit words;
+        cached per window."""
         key = (t0, t1)
         if key not in self.window_changed:
-            self.window_changed[key] = np.bitwise_or.reduce(rows[1:] ^ rows[:-1], axis=0)
+            changed = np.zeros((rows.shape[1] + 7) // 8 * 8, dtype=np.uint8)
+            np.bitwise_or.reduce(rows[1:] ^ rows[:-1], axis=0, out=changed[:rows.shape[1]])
+            self.window_changed[key] = changed
         return self.window_changed[key]
 
     @staticmethod

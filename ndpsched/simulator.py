@@ -352,13 +352,10 @@ class DecodeRun:
             # per-token count deltas under the initial keys (cached per sequence and placement);
             # each window then only corrects the toggles of neurons moved since the start
             self.base_key = derived[1]
-            # the neurons moved away from their start key at some point of the run (one that came
-            # back stays listed, and is skipped while it is back): ``moved`` marks them, the first
-            # ``n_moved`` slots of the list hold them with their start keys, in the order of the moves
-            N = sim.layout.n_neurons
-            self.moved = np.zeros(N, dtype=bool)
-            self.moved_ids = np.empty(N, dtype=np.int32)
-            self.moved_base = np.empty(N, dtype=self.key_of.dtype)
+            # the neurons away from their start key now: packed bits (big-endian in each byte, as
+            # np.packbits; whole 64-bit words, so that a window's moved togglers are one AND of
+            # two bitmaps), and how many
+            self.moved_bits = np.zeros(_padded_bits_bytes(sim.layout.n_neurons), dtype=np.uint8)
             self.n_moved = 0
             self.base_deltas = sim.base_deltas(self.seqs[0], self.base_key, self._placement_tag)
         # replayed sequences read their active sets instead of scattering every toggle
@@ -536,17 +533,18 @@ class DecodeRun:
         flat_deltas = deltas.reshape(-1)
         replay = self.replay
         rows = replay.rows(t0, t1) if replay is not None else None       # active sets t0-1 .. t1-1
-        # moved neurons' toggles: read from the replayed activity (a gather per moved neuron and
-        # token) when that is less work than finding them among the window's toggles
+        # moved neurons' toggles: read from the replayed activity (a pass over the moved and
+        # changed bitmaps, then a gather per moved toggler and token) when that is less work than
+        # finding them among the window's toggles
         n_toggles = int(trace.on_ptr[hi] - trace.on_ptr[lo] + trace.off_ptr[hi] - trace.off_ptr[lo])
-        from_rows = rows is not None and (n + 1) * self.n_moved < n_toggles
+        from_rows = rows is not None and len(self.moved_bits) // 8 + (n + 1) * self.n_moved < n_toggles
         parts = []
         for ptr, ids, sign in ((trace.on_ptr, trace.on_idx, 1), (trace.off_ptr, trace.off_idx, -1)):
             bounds = ptr[lo: hi + 1] - ptr[lo]
             flat = ids[ptr[lo]: ptr[hi]]
             parts.append([flat[bounds[i]: bounds[i + 1]] for i in range(n)])
             if self.n_moved and not from_rows:
-                sel = np.flatnonzero(np.take(self.moved, flat))
+                sel = _moved_positions(self.moved_bits, flat)
                 if len(sel):
                     step = np.searchsorted(bounds, sel, side="right") - 1
                     self._fix_moved(flat_deltas, step, flat[sel], sign)
@@ -554,8 +552,8 @@ class DecodeRun:
             # a moved neuron's toggles are the steps where its activity changes over the window;
             # the window's changed bits (N / 8 bytes, kept by the replay) skip the moved neurons
             # that do not toggle in it (about 60 % of them under hermes.adjust)
-            _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_ids,
-                                     self.moved_base, self.n_moved, self.key_of, self.K)
+            _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_bits,
+                                     self.key_of, self.base_key, self.K)
         # the counts after each token, the window's load per cell and per device (one compiled pass)
         window_load, per_dev, all_work = _running_counts(deltas, self.total, self.total_buf[:n], self.n_dev)
         toggles = [[(on, off)] for on, off in zip(*parts)]
@@ -654,15 +652,15 @@ class DecodeRun:
 
     def _rekey_state(self) -> tuple:
         """The arguments of :func:`_rekey_counts` after the movers: where neurons sit, their active
-        bits or counts, the incremental counts and the moved-neuron list."""
+        bits or counts, the incremental counts and the moved-neuron bitmap."""
         ctx, packed = self.ctx, self._active_packed        # a replayed window: its bits read in place
         none = _NONE_U8                                    # (for the arrays a call does not read)
         head = (self.key_of, ctx.group_blocks, ctx.group_shift, ctx.kind_bytes, self.n_dev, packed is not None,
                 none if packed is None else packed, self._active if packed is None else none,
                 self.total, self.union, self.sim.batch > 1, self.whole_window)
         if self.whole_window:
-            return (*head, self.base_key, self.moved, self.moved_ids, self.moved_base, self.n_moved)
-        return (*head, self.key_of[:0], none.view(bool), _NONE_I32, self.key_of[:0], 0)
+            return (*head, self.base_key, self.moved_bits, self.n_moved)
+        return (*head, self.key_of[:0], none, 0)
 
     # ---- summary -------------------------------------------------------------------------------------
     def result(self) -> SimResult:
@@ -721,65 +719,88 @@ def _running_counts(deltas, total, steps, n_dev):
     return load, per_dev, per_dev.sum()
 
 
-@kernel
-def _recount_moved_from_rows(flat_deltas, rows, changed, moved_ids, moved_base, n_moved, key_of, K):
-    """Re-count the window's toggles of the moved neurons (the first ``n_moved`` of ``moved_ids``,
-    with their start keys ``moved_base``): the (n, K) base deltas (``flat_deltas``, flat) counted
-    them under their start keys, they belong to their keys now (``key_of``). ``rows``: the
-    (n + 1, N / 8) packed active sets t0 - 1 .. t1 - 1; ``changed``: the packed neurons whose
-    activity changes in the window.
+def _padded_bits_bytes(n: int) -> int:
+    """Bytes of a packed bitmap of ``n`` neurons padded to whole 64-bit words."""
+    return (n + 63) // 64 * 8
 
-    The list gives the moved neurons that toggle (branch free); a counting sort puts them in
-    order of their 512-id blocks (one cache line of each row: read in the order of the moves,
-    the rows cost twice as much); their keys now are gathered in a loop of its own (the loads
-    overlap); then the toggles of those away from their start key are counted."""
-    n = rows.shape[0] - 1
-    ids = np.empty(n_moved, np.int32)
-    old = np.empty(n_moved, np.int32)
+
+@kernel
+def _trailing_zeros(x):
+    """Zero bits below the lowest set bit of the uint64 ``x`` (> 0): the population count of
+    ``(x & -x) - 1`` (LLVM turns the pattern into one instruction)."""
+    y = (x & (~x + np.uint64(1))) - np.uint64(1)
+    y = y - ((y >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    y = (y & np.uint64(0x3333333333333333)) + ((y >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    y = (y + (y >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return np.int64((y * np.uint64(0x0101010101010101)) >> np.uint64(56))
+
+
+@kernel
+def _moved_positions(moved_bits, ids):
+    """Positions in ``ids`` of the neurons whose bit is set in the packed ``moved_bits``."""
+    out = np.empty(len(ids), np.int64)
     m = 0
-    for j in range(n_moved):
-        i = moved_ids[j]
-        ids[m], old[m] = i, moved_base[j]
-        m += (changed[i >> 3] >> (7 - (i & 7))) & 1
-    # (consecutive moves often share a block: each block has four counters, the k-th neuron
-    # uses counter k % 4, so that an increment does not wait for the previous one's store)
-    n_slots = 4 * ((rows.shape[1] >> 6) + 1)
-    at = np.zeros(n_slots + 1, np.int64)
+    for k in range(len(ids)):
+        i = ids[k]
+        out[m] = k
+        m += (moved_bits[i >> 3] >> (7 - (i & 7))) & 1
+    return out[:m].copy()
+
+
+@kernel
+def _recount_moved_from_rows(flat_deltas, rows, changed, moved_bits, key_of, base_key, K):
+    """Re-count the window's toggles of the moved neurons (set in the packed ``moved_bits``: their
+    key now, ``key_of``, is not their start key, ``base_key``): the (n, K) base deltas
+    (``flat_deltas``, flat) counted them under their start keys. ``rows``: the (n + 1, N / 8)
+    packed active sets t0 - 1 .. t1 - 1; ``changed``: the packed neurons whose activity changes
+    in the window (both bitmaps padded to whole 64-bit words).
+
+    The moved neurons that toggle are the bits of ``moved_bits & changed``, a word at a time, found
+    in id order (one pass over 2 x N / 8 bytes; the rows are then read in order); their keys are
+    gathered in loops of their own (the loads overlap)."""
+    n = rows.shape[0] - 1
+    moved_words, changed_words = moved_bits.view(np.uint64), changed.view(np.uint64)
+    m = 0
+    for w in range(len(moved_words)):
+        x = moved_words[w] & changed_words[w]
+        while x:
+            m += 1
+            x &= x - np.uint64(1)
+    ids = np.empty(m, np.int64)
+    m = 0
+    for w in range(len(moved_words)):
+        x = moved_words[w] & changed_words[w]
+        while x:
+            b = _trailing_zeros(x)
+            x &= x - np.uint64(1)
+            # word bit b is byte b // 8 of the word, bit 7 - b % 8 of the byte (np.packbits order)
+            ids[m] = 64 * w + (b & ~7) + 7 - (b & 7)
+            m += 1
+    new = np.empty(m, np.int64)
     for k in range(m):
-        at[((ids[k] >> 9) << 2) + (k & 3) + 1] += 1
-    for b in range(n_slots):
-        at[b + 1] += at[b]
-    by_block = np.empty(m, np.int32)
-    by_block_old = np.empty(m, np.int32)
+        new[k] = key_of[ids[k]]
+    old = np.empty(m, np.int64)
     for k in range(m):
-        b = ((ids[k] >> 9) << 2) + (k & 3)
-        p = at[b]
-        by_block[p], by_block_old[p] = ids[k], old[k]
-        at[b] = p + 1
-    new = np.empty(m, np.int32)
+        old[k] = base_key[ids[k]]
     for k in range(m):
-        new[k] = key_of[by_block[k]]
-    for k in range(m):
-        if new[k] == by_block_old[k]:           # back at its start key: counted where it is
-            continue
-        byte, shift = by_block[k] >> 3, 7 - (by_block[k] & 7)
+        byte, shift = ids[k] >> 3, 7 - (ids[k] & 7)
         before = np.int64((rows[0, byte] >> shift) & 1)
         for t in range(n):
             now = np.int64((rows[t + 1, byte] >> shift) & 1)
             d = now - before                     # +1 on, -1 off, 0 (branch free)
             flat_deltas[t * K + new[k]] += d
-            flat_deltas[t * K + by_block_old[k]] -= d
+            flat_deltas[t * K + old[k]] -= d
             before = now
 
 
 @kernel
 def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_packed, packed, active, total, union,
-                  batched, track, base_key, moved, moved_ids, moved_base, n_moved):
+                  batched, track, base_key, moved_bits, n_moved):
     """Move neurons ``idx`` to devices ``new_dev``: their active counts (from the packed bits or the
     (N,) batch counts ``active``) leave their old (group, device) cells of ``total`` (and, with
-    ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, a neuron
-    that leaves its start key ``base_key`` for the first time is marked in ``moved`` and appended
-    to the list (``moved_ids``, ``moved_base``). Returns the new length of the list.
+    ``batched``, ``union``) for the new ones, and ``key_of`` is updated. With ``track``, a neuron's
+    bit in the packed ``moved_bits`` says whether it is away from its start key ``base_key`` now;
+    ``n_moved`` counts them. Returns the new count.
 
     The ids are distinct (a decision's are checked): what the loop reads of them is gathered
     first, in loops of their own whose cache misses overlap (15 % faster in a run)."""
@@ -791,11 +812,8 @@ def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_pa
     for k in range(n):
         i = idx[k]
         w[k] = (packed[i >> 3] >> (7 - (i & 7))) & 1 if use_packed else active[i]
-    listed = np.zeros(n, np.uint8)
     base = np.zeros(n, np.int64)
     if track:
-        for k in range(n):
-            listed[k] = moved[idx[k]]
         for k in range(n):
             base[k] = base_key[idx[k]]
     for k in range(n):
@@ -808,10 +826,12 @@ def _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_pa
             union[old[k]] -= on
             union[new] += on
         key_of[i] = new
-        if track and not listed[k] and new != base[k]:
-            moved[i] = True
-            moved_ids[n_moved], moved_base[n_moved] = i, base[k]
-            n_moved += 1
+        if track:
+            byte, mask = i >> 3, np.uint8(1 << (7 - (i & 7)))
+            was = np.int64(moved_bits[byte] & mask != 0)
+            away = np.int64(new != base[k])
+            moved_bits[byte] = (moved_bits[byte] & ~mask) | (mask * np.uint8(away))
+            n_moved += away - was
     return n_moved
 
 
@@ -820,7 +840,6 @@ _ID_PROBLEMS = {1: "returned neuron ids outside 0..{n_max}",
                 2: "returned the same neuron twice in one decision (or promoted and evicted it)",
                 4: "promoted a neuron already on the GPU or evicted one that is not"}
 _NONE_U8 = np.zeros(0, dtype=np.uint8)
-_NONE_I32 = np.zeros(0, dtype=np.int32)
 
 
 def _id_arrays(a, b) -> tuple[np.ndarray, np.ndarray]:
@@ -834,13 +853,13 @@ def _id_arrays(a, b) -> tuple[np.ndarray, np.ndarray]:
 
 @kernel
 def _apply_hot_change(promote, evict, n, id_bits, on_gpu, home_dimm, n_layers, key_of, group_blocks, group_shift,
-                      kind_bytes, n_dev, use_packed, packed, active, total, union, batched, track, base_key, moved,
-                      moved_ids, moved_base, n_moved):
+                      kind_bytes, n_dev, use_packed, packed, active, total, union, batched, track, base_key,
+                      moved_bits, n_moved):
     """Check a hot/cold change (ids in 0..n-1, none twice, every ``promote`` off the GPU, every
     ``evict`` on it) and, if it holds, apply it: ``on_gpu`` flipped, the movers' counts moved by
     :func:`_rekey_counts` (evicted neurons to their home DIMM + 1, promoted ones to the GPU, 0).
     Returns (problem: 0, or 1 / 2 / 4 as in ``_ID_PROBLEMS`` with nothing changed; promoted minus
-    evicted bytes; bytes copied to the GPU per layer; the new length of the moved list)."""
+    evicted bytes; bytes copied to the GPU per layer; the new count of moved neurons)."""
     problem, k_evict = _mark_ids(evict, n, id_bits)
     k_promote = 0
     if problem == 0:
@@ -877,14 +896,14 @@ def _apply_hot_change(promote, evict, n, id_bits, on_gpu, home_dimm, n_layers, k
         copied[group >> 1] += kind_bytes[group & 1]
         idx[n_evict + k] = i
     n_moved = _rekey_counts(idx, new_dev, key_of, group_blocks, group_shift, n_dev, use_packed, packed, active,
-                            total, union, batched, track, base_key, moved, moved_ids, moved_base, n_moved)
+                            total, union, batched, track, base_key, moved_bits, n_moved)
     return 0, delta, copied, n_moved
 
 
 @kernel
 def _apply_remap(idx, dest, n, id_bits, home_dimm, on_gpu, dimm_bytes, n_layers, priced, link_bw, link_lat_s,
                  pending_link, key_of, group_blocks, group_shift, kind_bytes, n_dev, use_packed, packed, active, total,
-                 union, batched, track, base_key, moved, moved_ids, moved_base, n_moved):
+                 union, batched, track, base_key, moved_bits, n_moved):
     """Check a DIMM remap (ids in 0..n-1, none twice, destinations in 0..J-1) and, if it holds,
     apply it: neuron ``idx[k]`` gets home ``dest[k]``; ``dimm_bytes`` (J,) follows the real moves
     (destination not the home); with ``priced``, ``pending_link`` (L,) gains each layer's DIMM-link
@@ -892,7 +911,7 @@ def _apply_remap(idx, dest, n, id_bits, home_dimm, on_gpu, dimm_bytes, n_layers,
     the cold movers' counts move to their new DIMM (:func:`_rekey_counts`).
 
     Returns (problem: 0, or 1 / 2 as in ``_ID_PROBLEMS`` / 3 for a destination outside the DIMMs,
-    with nothing changed; real moves; their bytes; the fullest DIMM's bytes; the moved list's length)."""
+    with nothing changed; real moves; their bytes; the fullest DIMM's bytes; the moved count)."""
     problem, k_marked = _mark_ids(idx, n, id_bits)
     _unmark_ids(idx, k_marked, id_bits)
     J = len(dimm_bytes)
@@ -933,8 +952,7 @@ def _apply_remap(idx, dest, n, id_bits, home_dimm, on_gpu, dimm_bytes, n_layers,
             if port > 0:
                 pending_link[layer] += port / link_bw + link_lat_s
     n_moved = _rekey_counts(cold[:n_cold], cold_dev[:n_cold], key_of, group_blocks, group_shift, n_dev, use_packed,
-                            packed, active, total, union, batched, track, base_key, moved, moved_ids, moved_base,
-                            n_moved)
+                            packed, active, total, union, batched, track, base_key, moved_bits, n_moved)
     return 0, n_real, moved_bytes, dimm_bytes.max(), n_moved
 
 

@@ -215,22 +215,24 @@ def test_algorithm1_matches_argsort_version(seed, move_fraction, max_moves):
         np.testing.assert_array_equal(got[1], want[1])
 
 
-def test_recount_moved_from_rows_matches_numpy():
+def _padded(bits: np.ndarray) -> np.ndarray:
+    """A packed bitmap zero-padded to whole 64-bit words (what the simulator keeps)."""
+    return np.concatenate([bits, np.zeros(-len(bits) % 8, dtype=np.uint8)])
+
+
+@pytest.mark.parametrize("n", [800, 803])                          # whole words and a ragged tail
+def test_recount_moved_from_rows_matches_numpy(n):
     rng = np.random.default_rng(2)
-    n, n_tokens, K = 800, 5, 40
+    n_tokens, K = 5, 40
     active = rng.random((n_tokens + 1, n)) < 0.3
     rows = np.packbits(active, axis=1)
-    changed = np.bitwise_or.reduce(rows[1:] ^ rows[:-1], axis=0)
+    changed = _padded(np.bitwise_or.reduce(rows[1:] ^ rows[:-1], axis=0))
     base_key = rng.integers(0, K, n).astype(np.int16)
     key_of = base_key.copy()
     moved = rng.random(n) < 0.25
-    key_of[moved] = rng.integers(0, K, moved.sum())                 # some land on their old key
+    key_of[moved] = (base_key[moved] + rng.integers(1, K, moved.sum())) % K       # away from their start
     got = np.zeros(n_tokens * K, dtype=np.int64)
-    listed = rng.permutation(np.flatnonzero(moved))                # the list is in order of the moves
-    pad = np.full(5, -1, dtype=np.int32)                          # slots past n_moved are not read
-    simulator._recount_moved_from_rows(got, rows, changed, np.concatenate([listed.astype(np.int32), pad]),
-                                       np.concatenate([base_key[listed], pad.astype(np.int16)]), len(listed),
-                                       key_of, K)
+    simulator._recount_moved_from_rows(got, rows, changed, _padded(np.packbits(moved)), key_of, base_key, K)
     ids = np.flatnonzero(moved)
     step = np.diff(SequenceReplay.active_of(rows, ids).view(np.int8).astype(np.int64), axis=0)   # (n_tokens, m)
     want = np.zeros((n_tokens, K), dtype=np.int64)
@@ -240,30 +242,38 @@ def test_recount_moved_from_rows_matches_numpy():
     np.testing.assert_array_equal(got.reshape(n_tokens, K), want)
 
 
-def test_rekey_counts_moves_counts_and_lists_moved_neurons():
+def test_trailing_zeros_and_moved_positions():
+    for b in (0, 1, 7, 8, 31, 32, 63):
+        assert simulator._trailing_zeros(np.uint64(1) << np.uint64(b) | np.uint64(1) << np.uint64(63)) == b
+    moved = np.zeros(100, dtype=bool)
+    moved[[0, 9, 63, 64, 99]] = True
+    ids = np.array([5, 99, 0, 64, 63, 63, 12], dtype=np.int64)
+    np.testing.assert_array_equal(simulator._moved_positions(_padded(np.packbits(moved)), ids), [1, 2, 3, 4, 5])
+
+
+def test_rekey_counts_moves_counts_and_tracks_moved_neurons():
     n, n_dev = 64, 3
     group_of = (np.arange(n) // 16).astype(np.int32)
     base_key = (group_of * n_dev + 1).astype(np.int16)            # every neuron starts on device 1
     key_of = base_key.copy()
     active = (np.arange(n) % 2).astype(np.uint8)                   # odd ids fire
     total = np.bincount(key_of, weights=active, minlength=4 * n_dev).astype(np.int64)
-    moved, ids, base = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int16)
+    moved_bits = np.zeros(8, dtype=np.uint8)
 
     def rekey(idx, dev, n_moved, packed=False):
         return simulator._rekey_counts(np.array(idx, dtype=np.int64), np.array(dev, dtype=np.int64), key_of,
                                        group_of[::16].copy(), 4, n_dev, packed,
                                        np.packbits(active) if packed else active[:0], active[:0] if packed else active,
-                                       total, total, False, True, base_key, moved, ids, base, n_moved)
+                                       total, total, False, True, base_key, moved_bits, n_moved)
 
     n_moved = rekey([17, 2, 1, 33], [2, 2, 0, 1], 0)              # 33 stays where it started
     assert n_moved == 3
-    np.testing.assert_array_equal(np.flatnonzero(moved), [1, 2, 17])
-    np.testing.assert_array_equal(ids[:3], [17, 2, 1])              # in the order of the moves
-    np.testing.assert_array_equal(base[:3], base_key[[17, 2, 1]])
+    np.testing.assert_array_equal(np.flatnonzero(np.unpackbits(moved_bits)), [1, 2, 17])
     np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
-    # back home, and a new one: the counts follow, the first stays listed once
+    # back home, and a new one: the counts follow, the first is no longer moved
     n_moved = rekey([1, 40], [1, 0], n_moved, packed=True)
-    assert n_moved == 4 and moved[1] and key_of[1] == base_key[1] and ids[3] == 40
+    assert n_moved == 3 and key_of[1] == base_key[1]
+    np.testing.assert_array_equal(np.flatnonzero(np.unpackbits(moved_bits)), [2, 17, 40])
     assert key_of[40] == group_of[40] * n_dev
     np.testing.assert_array_equal(total, np.bincount(key_of, weights=active, minlength=4 * n_dev))
 
