@@ -23,6 +23,32 @@ from typing import Any, Callable
 COMPILED: dict[str, Any] = {}
 
 
+def trailing_zeros(x: int) -> int:
+    """Zero bits below the lowest set bit of the unsigned ``x`` > 0. Plain Python here; in a kernel
+    it compiles to LLVM's count-trailing-zeros (one instruction), so that a kernel walks the set
+    bits of a 64-bit word without testing the others."""
+    x = int(x)
+    return (x & -x).bit_length() - 1
+
+
+_OVERLOADS: list[bool] = []
+
+
+def _register_overloads() -> None:
+    """Teach numba the helpers above (once, when the first kernel compiles)."""
+    if _OVERLOADS:
+        return
+    import numpy as np
+    from numba.cpython.unsafe.numbers import trailing_zeros as cttz
+    from numba.extending import overload
+
+    @overload(trailing_zeros)
+    def _trailing_zeros(x):
+        return lambda x: np.int64(cttz(x))
+
+    _OVERLOADS.append(True)
+
+
 def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` compiled with ``numba.njit(cache=True)`` on first use.
 
@@ -35,6 +61,7 @@ def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
         if compiled is None:
             import numba
 
+            _register_overloads()
             for name in fn.__code__.co_names:
                 callee = fn.__globals__.get(name)
                 if callee is not call and hasattr(callee, "compile_kernel"):

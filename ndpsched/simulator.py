@@ -20,7 +20,7 @@ import numpy as np
 from .costmodel import COMPONENTS, CostModel, CostParams, StepsCost
 from .errors import CapacityError, ConfigError, TraceError
 from .hardware import HardwareSpec
-from .jit import kernel
+from .jit import kernel, trailing_zeros
 from .models import ModelSpec
 from .policy import (BalanceMoves, BalancerPolicy, PartitionMoves, PartitionPolicy,
                      Placement, PredictorPolicy, SchedContext, WindowActivity, check_dimm_capacity,
@@ -725,17 +725,6 @@ def _padded_bits_bytes(n: int) -> int:
 
 
 @kernel
-def _trailing_zeros(x):
-    """Zero bits below the lowest set bit of the uint64 ``x`` (> 0): the population count of
-    ``(x & -x) - 1`` (LLVM turns the pattern into one instruction)."""
-    y = (x & (~x + np.uint64(1))) - np.uint64(1)
-    y = y - ((y >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    y = (y & np.uint64(0x3333333333333333)) + ((y >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    y = (y + (y >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return np.int64((y * np.uint64(0x0101010101010101)) >> np.uint64(56))
-
-
-@kernel
 def _moved_positions(moved_bits, ids):
     """Positions in ``ids`` of the neurons whose bit is set in the packed ``moved_bits``."""
     out = np.empty(len(ids), np.int64)
@@ -771,7 +760,7 @@ def _recount_moved_from_rows(flat_deltas, rows, changed, moved_bits, key_of, bas
     for w in range(len(moved_words)):
         x = moved_words[w] & changed_words[w]
         while x:
-            b = _trailing_zeros(x)
+            b = trailing_zeros(x)
             x &= x - np.uint64(1)
             # word bit b is byte b // 8 of the word, bit 7 - b % 8 of the byte (np.packbits order)
             ids[m] = 64 * w + (b & ~7) + 7 - (b & 7)

@@ -243,8 +243,14 @@ def test_recount_moved_from_rows_matches_numpy(n):
 
 
 def test_trailing_zeros_and_moved_positions():
+    import numba
+
+    from ndpsched.jit import _register_overloads, trailing_zeros
+    _register_overloads()
+    compiled = numba.njit(lambda x: trailing_zeros(x))
     for b in (0, 1, 7, 8, 31, 32, 63):
-        assert simulator._trailing_zeros(np.uint64(1) << np.uint64(b) | np.uint64(1) << np.uint64(63)) == b
+        x = np.uint64(1) << np.uint64(b) | np.uint64(1) << np.uint64(63)
+        assert trailing_zeros(x) == compiled(x) == b
     moved = np.zeros(100, dtype=bool)
     moved[[0, 9, 63, 64, 99]] = True
     ids = np.array([5, 99, 0, 64, 63, 63, 12], dtype=np.int64)
