@@ -151,6 +151,7 @@ class SchedulingEnv(gym.Env):
         self._masks = self._compute_masks()
         # where each role's actions start in the masks, and joules per byte moved (step reads them)
         sizes = [self.grids[role].n for role in self.controlled]
+        self._n_actions = dict(zip(self.controlled, sizes))
         self._mask_offset = dict(zip(self.controlled, np.cumsum([0, *sizes[:-1]]).tolist()))
         hw = self.sim.hw
         self._link_j_per_byte = 8e-12 * hw.dimm_link.energy_pj_per_bit
@@ -177,7 +178,7 @@ class SchedulingEnv(gym.Env):
         """{role: action index} of an action of this env's space (anything else is an error)."""
         if isinstance(action, (int, np.integer)) and len(self.controlled) == 1:   # Discrete: the common case
             role = self.controlled[0]
-            if 0 <= action < self.grids[role].n:
+            if 0 <= action < self._n_actions[role]:
                 return {role: int(action)}
         flat = np.asarray(action).reshape(-1)
         ok = flat.size == len(self.controlled) and (np.issubdtype(flat.dtype, np.integer) or

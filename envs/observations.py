@@ -61,8 +61,7 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
     window_s = out.window_s
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
-    cm = sim.cost
-    hidden_s = cm.fixed_times_s(sim.batch)[2] * sim.model.n_layers   # migration time hidden per window (projection)
+    link_bytes_hidden, pcie_bytes_hidden, promotion_cap = _constants(sim)
     imbalance = cost.dimm_imbalance.tolist()
     feats = [
         window_s / (out.t1 - out.t0) / reference_token_s,
@@ -70,18 +69,17 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
         *stats[:n_tol + 3],
         out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         comps["exposed_migration"] / window_s,
-        last_moves.get("dimm_link_bytes", 0.0) / (cm.link_bw * hidden_s),
-        last_moves.get("pcie_bytes", 0.0) / (cm.pcie_bw * hidden_s),
+        last_moves.get("dimm_link_bytes", 0.0) / link_bytes_hidden,
+        last_moves.get("pcie_bytes", 0.0) / pcie_bytes_hidden,
         run.next_step / sim.gen_len,
         comps["dimm_compute"] / compute if compute > 0 else 0.0,
         *stats[n_tol + 3:],
     ]
     if candidate_states is not None:
         # candidates above each threshold, per neuron the hidden PCIe copies allow per window
-        cap = max(_promotion_capacity(run), 1.0)
         # from_top[k]: count with state >= 15 - k (16 values: Python beats numpy's calls here)
         from_top = list(itertools.accumulate(reversed(candidate_states.tolist())))
-        feats += [from_top[15 - s] / cap for s in _STATE_ABOVE]
+        feats += [from_top[15 - s] / promotion_cap for s in _STATE_ABOVE]
     return np.array(feats)
 
 
@@ -119,20 +117,23 @@ def _load_stats(device_load, per_device, dimm_total, tolerances):
     return out
 
 
-def _promotion_capacity(run: DecodeRun) -> float:
-    """Neurons PCIe copies within one projection per layer, summed over layers (FFN-sized);
-    computed once per simulator."""
-    sim = run.sim
-    cap = _CAPACITY.get(sim)
-    if cap is None:
+def _constants(sim) -> tuple[float, float, float]:
+    """Per simulator (its hardware, cost model and batch do not change): the DIMM-link and PCIe
+    bytes one window's projections hide (the migration time hidden per window, one projection
+    per layer), and the promotion capacity (at least 1): neurons PCIe copies within one
+    projection per layer, summed over layers (FFN-sized)."""
+    out = _CONSTANTS.get(sim)
+    if out is None:
         cm = sim.cost
+        hidden_s = cm.fixed_times_s(sim.batch)[2] * sim.model.n_layers
         per_layer_bytes = cm.projection_s(sim.batch) * cm.pcie_bw
-        cap = _CAPACITY[sim] = float(per_layer_bytes / cm.neuron_bytes[1] * sim.model.n_layers)
-    return cap
+        cap = float(per_layer_bytes / cm.neuron_bytes[1] * sim.model.n_layers)
+        out = _CONSTANTS[sim] = (cm.link_bw * hidden_s, cm.pcie_bw * hidden_s, max(cap, 1.0))
+    return out
 
 
-#: _promotion_capacity's values, by simulator (its cost model and batch do not change)
-_CAPACITY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: _constants' values, by simulator
+_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ObservationStack:
