@@ -145,6 +145,8 @@ class Simulator:
         # batch -> prompt frequencies; (batch, initial placement) -> active counts at the start
         self._prefill_freqs: dict[tuple[int, ...], np.ndarray] = {}
         self._start_counts: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        # batch -> (N,) uint8 active counts at the last prompt token (true active sets), read-only
+        self._start_active: dict[tuple[int, ...], np.ndarray] = {}
         self._replay_bytes = 0
 
     @staticmethod
@@ -331,10 +333,18 @@ class DecodeRun:
         self.predictors = [copy.deepcopy(sim.predictor) for _ in range(B)]
         for s, pred in zip(self.seqs, self.predictors):
             pred.begin(ctx, sim.prompt_state(s)[1], P - 1)
-        # what the first step starts from
-        self._active = active = self.predictors[0].initial_computed().astype(np.uint8)
-        for pred in self.predictors[1:]:
-            active += pred.initial_computed()
+        # what the first step starts from; with true active sets it depends on the batch alone, so
+        # the runs on it share one read-only array (a run copies it before changing it: _own_active)
+        shared = all(p.passthrough for p in self.predictors)
+        active = sim._start_active.get(seqs) if shared else None
+        if active is None:
+            active = self.predictors[0].initial_computed().astype(np.uint8)
+            for pred in self.predictors[1:]:
+                active += pred.initial_computed()
+            if shared and len(sim._start_active) < 64:
+                active.flags.writeable = False
+                sim._start_active[seqs] = active
+        self._active = active
         for policy in (sim.partition, sim.balancer):
             policy.start(active, P - 1)
         self.observers = [p for p in (sim.partition, sim.balancer) if p.observes_tokens]
@@ -420,6 +430,13 @@ class DecodeRun:
             self._active_packed = None
         return self._active
 
+    def _own_active(self) -> np.ndarray:
+        """:attr:`active`, to be changed: the run's own copy where it still is the shared start."""
+        active = self.active
+        if not active.flags.writeable:
+            active = self._active = active.copy()
+        return active
+
     def _active_source(self) -> np.ndarray | Callable[[], np.ndarray]:
         """The active set now, for a WindowActivity: the array, or a function unpacking it."""
         packed = self._active_packed
@@ -485,7 +502,7 @@ class DecodeRun:
 
     def _advance_token(self, t: int, row: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Apply token ``t``'s toggles of every sequence; the counts go to buffer row ``row``."""
-        K, key_of, total, union, active = self.K, self.key_of, self.total, self.union, self.active
+        K, key_of, total, union, active = self.K, self.key_of, self.total, self.union, self._own_active()
         B = self.sim.batch
         out = []
         for pred, s in zip(self.predictors, self.seqs):
@@ -563,11 +580,12 @@ class DecodeRun:
             if rows is not None:
                 self._active_packed = rows[-1]                     # unpacked when read
             else:
+                active = self._own_active()
                 for t, (on, off) in enumerate(zip(*parts), start=t0):
-                    self.active[on] = 1
-                    self.active[off] = 0
+                    active[on] = 1
+                    active[off] = 0
                     if replay is not None:
-                        replay.store(t, self.active)
+                        replay.store(t, active)
         return toggles, window_load, per_dev, all_work
 
     def _fix_moved(self, flat_deltas: np.ndarray, step: np.ndarray, ids: np.ndarray, sign) -> None:

@@ -192,14 +192,16 @@ class HermesAdjust(HermesIlp):
         cache = self.__dict__.setdefault("_starts", {})
         key = (id(ctx.prefill_freqs), token, p.state_inc, p.state_dec)
         entry = cache.get(key)
-        if entry is None or entry[0] is not ctx.prefill_freqs or not np.array_equal(entry[1], active):
+        # (a read-only active set is the simulator's shared start for the batch: kept, not copied,
+        # and then recognised by identity)
+        if entry is None or entry[0] is not ctx.prefill_freqs or not (entry[1] is active or np.array_equal(entry[1], active)):
             if len(cache) >= 16:
                 cache.pop(next(iter(cache)))
             fired = np.flatnonzero(active > 0)
             fired.flags.writeable = False
             states = SaturatingStates(initial_states(ctx.prefill_freqs).astype(np.uint8), active, token,
                                       p.state_inc, p.state_dec)
-            entry = cache[key] = (ctx.prefill_freqs, active.copy(), states, fired)
+            entry = cache[key] = (ctx.prefill_freqs, active if not active.flags.writeable else active.copy(), states, fired)
         # the cached start states, shared until this run changes them (replayed windows read their
         # states from the memo and never do: the 4-byte-a-neuron copy was a third of a reset)
         self.states, self._states_shared = entry[2], True
