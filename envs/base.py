@@ -26,7 +26,7 @@ from ndpsched.run import build_simulator, load_trace
 from ndpsched.simulator import DecodeRun, WindowOutcome
 
 from .actions import KnobGrid, role_mask
-from .observations import FEATURE_MAX, ObservationStack, candidate_histogram, feature_names, window_features
+from .observations import FEATURE_MAX, ObservationStack, candidate_histogram, feature_names
 from .rewards import WindowReport, make_reward
 
 #: roles in the order their decisions are applied at a window boundary
@@ -152,6 +152,7 @@ class SchedulingEnv(gym.Env):
         # where each role's actions start in the masks, and joules per byte moved (step reads them)
         sizes = [self.grids[role].n for role in self.controlled]
         self._n_actions = dict(zip(self.controlled, sizes))
+        self._action_names = {role: self.grids[role].names for role in self.controlled}
         self._mask_offset = dict(zip(self.controlled, np.cumsum([0, *sizes[:-1]]).tolist()))
         hw = self.sim.hw
         self._link_j_per_byte = 8e-12 * hw.dimm_link.energy_pj_per_bit
@@ -264,7 +265,7 @@ class SchedulingEnv(gym.Env):
     # ---- observation and info ------------------------------------------------------------------------
     def _observe(self, out: WindowOutcome, moves: dict[str, float]) -> np.ndarray:
         cand = candidate_histogram(self.sim.partition, self._run, out) if self.with_candidates else None
-        return self._stack.push(window_features(self._run, out, self._reference_token_s, moves, cand))
+        return self._stack.push_window(self._run, out, self._reference_token_s, moves, cand)
 
     def _info(self, out: WindowOutcome, moves: dict[str, float], energy_j: float, action) -> dict[str, Any]:
         n, window_s = out.t1 - out.t0, out.window_s
@@ -274,7 +275,7 @@ class SchedulingEnv(gym.Env):
             "window_s": window_s,
             "token_s": window_s / n,
             "reference_token_s": self._reference_token_s,
-            "breakdown_s": dict(out.cost.components),
+            "breakdown_s": out.cost.components,             # (a window's own dict: no copy)
             "dimm_imbalance": sum(imbalance) / len(imbalance),
             # (apply_partition and apply_balance always report these keys)
             "moves": {"promoted": int(moves["promoted"]), "evicted": int(moves["evicted"]),
@@ -284,7 +285,8 @@ class SchedulingEnv(gym.Env):
             "hot_fraction": out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         }
         if action is not None:
-            info["action"] = {role: self.grids[role].names[a] for role, a in action.items()}
+            names = self._action_names
+            info["action"] = {role: names[role][a] for role, a in action.items()}
         self._last_info = info
         return info
 

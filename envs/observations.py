@@ -6,7 +6,6 @@ Every feature is a ratio (normalised load, share of time, fraction of stages) cl
 """
 from __future__ import annotations
 
-import itertools
 import weakref
 
 import numpy as np
@@ -53,44 +52,61 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
         candidate_states: (16,) histogram of FSM states of the cold neurons that are candidates
             for promotion (HotCold), or None.
     """
+    inputs = _feature_inputs(run, out, reference_token_s, last_moves, candidate_states)
+    row = np.empty(_n_features(inputs), np.float64)
+    _feature_row(row, *inputs)
+    return row
+
+
+def _feature_inputs(run: DecodeRun, out: WindowOutcome, reference_token_s: float, last_moves: dict[str, float],
+                    candidate_states: np.ndarray | None) -> tuple:
+    """The arguments of :func:`_feature_row` after its output row: the window's (2L, J + 1) loads
+    and (J + 1,) per-device loads, its DIMM activations, the tolerance levels, the scalar features,
+    the candidates' state histogram (empty if none) and the promotion capacity."""
     sim, cost = run.sim, out.cost
     device_load = out.activity.device_load                   # (2L, J + 1) activations per stage, device
     per_device = out.device_activations if out.device_activations is not None else device_load.sum(axis=0)
-    stats = _load_stats(device_load, per_device, out.all_activations - out.gpu_activations, _TOLERANCES).tolist()
-    n_tol = len(TOLERANCE_LEVELS)
     window_s = out.window_s
     comps = cost.components
     compute = comps["gpu_compute"] + comps["dimm_compute"]
     link_bytes_hidden, pcie_bytes_hidden, promotion_cap = _constants(sim)
     imbalance = cost.dimm_imbalance.tolist()
-    feats = [
+    scalars = np.array([
         window_s / (out.t1 - out.t0) / reference_token_s,
         sum(imbalance) / len(imbalance) - 1.0,
-        *stats[:n_tol + 3],
         out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         comps["exposed_migration"] / window_s,
         last_moves.get("dimm_link_bytes", 0.0) / link_bytes_hidden,
         last_moves.get("pcie_bytes", 0.0) / pcie_bytes_hidden,
         run.next_step / sim.gen_len,
         comps["dimm_compute"] / compute if compute > 0 else 0.0,
-        *stats[n_tol + 3:],
-    ]
-    if candidate_states is not None:
-        # candidates above each threshold, per neuron the hidden PCIe copies allow per window
-        # from_top[k]: count with state >= 15 - k (16 values: Python beats numpy's calls here)
-        from_top = list(itertools.accumulate(reversed(candidate_states.tolist())))
-        feats += [from_top[15 - s] / promotion_cap for s in _STATE_ABOVE]
-    return np.array(feats)
+    ])
+    cand = _NO_CANDIDATES if candidate_states is None else np.asarray(candidate_states, dtype=np.int64)
+    return (device_load, per_device, out.all_activations - out.gpu_activations, _TOLERANCES, scalars, cand,
+            promotion_cap)
+
+
+def _n_features(inputs: tuple) -> int:
+    device_load, cand = inputs[0], inputs[5]
+    return len(COMMON_FEATURES) + device_load.shape[1] - 1 + (len(STATE_LEVELS) if len(cand) else 0)
+
+
+_NO_CANDIDATES = np.zeros(0, dtype=np.int64)
+_STATE_ABOVE_ARRAY = np.array(_STATE_ABOVE, dtype=np.int64)
 
 
 @kernel
-def _load_stats(device_load, per_device, dimm_total, tolerances):
-    """The load features, in one compiled pass instead of a dozen small numpy calls at every env
-    step: per stage, how far its slowest DIMM is above the mean (max / mean - 1, from the
-    (2L, J + 1) loads, GPU column first; the 1e-30 makes an idle stage 0 and changes no busy
-    stage's ratio, its loads being whole activations): the fraction of stages above each
-    tolerance, the median, the 90th percentile (lower) and the maximum; then the DIMMs' window
-    loads (``per_device[1:]``) from the busiest down over their mean (all 1 if idle)."""
+def _feature_row(row, device_load, per_device, dimm_total, tolerances, scalars, cand, cap):
+    """One window's features into ``row``, in the order of :func:`feature_names`, in one compiled
+    pass instead of a dozen small numpy calls at every env step: ``scalars[:2]`` (latency,
+    imbalance), the load statistics, ``scalars[2:]``, the DIMM ranks, then (if ``cand`` (16,) is
+    not empty) the candidates per state level over ``cap``.
+
+    The load statistics: per stage, how far its slowest DIMM is above the mean (max / mean - 1,
+    from the (2L, J + 1) loads, GPU column first; the 1e-30 makes an idle stage 0 and changes no
+    busy stage's ratio, its loads being whole activations): the fraction of stages above each
+    tolerance, the median, the 90th percentile (lower) and the maximum; the DIMM ranks: the DIMMs'
+    window loads (``per_device[1:]``) from the busiest down over their mean (all 1 if idle)."""
     n, J = device_load.shape[0], device_load.shape[1] - 1
     excess = np.empty(n, np.float64)
     for g in range(n):
@@ -102,19 +118,32 @@ def _load_stats(device_load, per_device, dimm_total, tolerances):
         excess[g] = (top * J + 1e-30) / (total + 1e-30) - 1.0
     excess.sort()
     n_tol = len(tolerances)
-    out = np.empty(n_tol + 3 + J, np.float64)
+    row[0], row[1] = scalars[0], scalars[1]
     for k in range(n_tol):
         above = 0
         for g in range(n):
             above += excess[g] > tolerances[k]
-        out[k] = above / n
-    out[n_tol] = excess[n // 2]
-    out[n_tol + 1] = excess[int(0.9 * (n - 1))]
-    out[n_tol + 2] = excess[n - 1]
+        row[2 + k] = above / n
+    at = 2 + n_tol
+    row[at] = excess[n // 2]
+    row[at + 1] = excess[int(0.9 * (n - 1))]
+    row[at + 2] = excess[n - 1]
+    at += 3
+    for k in range(2, len(scalars)):
+        row[at] = scalars[k]
+        at += 1
     dimms = np.sort(per_device[1:])
     for j in range(J):
-        out[n_tol + 3 + j] = dimms[J - 1 - j] * (J / dimm_total) if dimm_total > 0 else 1.0
-    return out
+        row[at + j] = dimms[J - 1 - j] * (J / dimm_total) if dimm_total > 0 else 1.0
+    at += J
+    if len(cand):
+        # candidates with state >= s: the histogram is indexed by 15 - state
+        for k in range(len(_STATE_ABOVE_ARRAY)):
+            count = 0
+            for c in range(16 - _STATE_ABOVE_ARRAY[k]):
+                count += cand[15 - c]
+            row[at + k] = count / cap
+    return row
 
 
 def _constants(sim) -> tuple[float, float, float]:
@@ -150,6 +179,12 @@ class ObservationStack:
         """Add a window's features (clipped) and return the flat history (a new array)."""
         return _push_row(self._hist, np.asarray(features, dtype=np.float64), FEATURE_MAX)
 
+    def push_window(self, run: DecodeRun, out: WindowOutcome, reference_token_s: float,
+                    last_moves: dict[str, float], candidate_states: np.ndarray | None) -> np.ndarray:
+        """``push(window_features(...))`` in one compiled call (the envs' step)."""
+        return _push_window(self._hist, FEATURE_MAX,
+                            *_feature_inputs(run, out, reference_token_s, last_moves, candidate_states))
+
 
 @kernel
 def _push_row(hist, features, top):
@@ -171,3 +206,11 @@ def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.nda
     if not hasattr(policy, "candidate_state_histogram"):
         return None
     return policy.candidate_state_histogram(run.placement, out.activity)
+
+
+@kernel
+def _push_window(hist, top, device_load, per_device, dimm_total, tolerances, scalars, cand, cap):
+    """:func:`_feature_row` into a scratch row, then :func:`_push_row` of it."""
+    row = np.empty(hist.shape[1], np.float64)
+    _feature_row(row, device_load, per_device, dimm_total, tolerances, scalars, cand, cap)
+    return _push_row(hist, row, top)

@@ -92,13 +92,13 @@ class LearnedMixin:
     def _act(self, window: WindowActivity) -> Any:
         """The model's setting for this role at this window (None = no move)."""
         from ndpsched.envs.actions import role_mask
-        from ndpsched.envs.observations import candidate_histogram, window_features
+        from ndpsched.envs.observations import candidate_histogram
 
         run, out = window.run, window.outcome
         if self._reference_token_s is None:       # the first decision follows the first window
             self._reference_token_s = out.window_s / out.n_tokens
         cand = candidate_histogram(run.sim.partition, run, out) if self.with_candidates else None
-        obs = self.stack.push(window_features(run, out, self._reference_token_s, run.prior_decision, cand))
+        obs = self.stack.push_window(run, out, self._reference_token_s, run.prior_decision, cand)
         has_hot = bool(run.initial_placement.on_gpu.any())
         masks = np.concatenate([role_mask(r, self.grids[r].n, self.n_dimms, has_hot) for r in self.roles])
         action = np.asarray(self._agent.act(obs, masks, self.params.deterministic)).reshape(-1)

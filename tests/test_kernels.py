@@ -16,8 +16,14 @@ from ndpsched.policies import balancer, fsm, partition
 from ndpsched.replay import SequenceReplay
 
 
+def _feature_row(load, per_device, dimm_total, scalars, cand=observations._NO_CANDIDATES, cap=1.0):
+    J = load.shape[1] - 1
+    row = np.full(len(observations.COMMON_FEATURES) + J + (len(observations.STATE_LEVELS) if len(cand) else 0), np.nan)
+    return observations._feature_row(row, load, per_device, dimm_total, observations._TOLERANCES, scalars, cand, cap)
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_load_stats_matches_numpy(seed):
+def test_feature_row_matches_numpy(seed):
     rng = np.random.default_rng(seed)
     n_stages, J = 64, 8
     load = rng.integers(0, 40, size=(n_stages, J + 1)).astype(np.float64)
@@ -25,16 +31,20 @@ def test_load_stats_matches_numpy(seed):
     load[3, 1:] = 7.0                                              # a perfectly even one
     per_device = load.sum(axis=0)
     dimm_total = float(per_device[1:].sum())
-    got = observations._load_stats(load, per_device, dimm_total, observations._TOLERANCES)
+    scalars = rng.random(8)
+    cand = rng.integers(0, 50, 16)                                 # candidates per FSM state
+    got = _feature_row(load, per_device, dimm_total, scalars, cand, 40.0)
 
     dimms = load[:, 1:]
     excess = np.sort((dimms.max(axis=1) * J + 1e-30) / (dimms.sum(axis=1) + 1e-30) - 1.0)
-    want = [np.mean(excess > t) for t in observations.TOLERANCE_LEVELS]
+    want = list(scalars[:2]) + [np.mean(excess > t) for t in observations.TOLERANCE_LEVELS]
     want += [excess[n_stages // 2], excess[int(0.9 * (n_stages - 1))], excess[-1]]
+    want += list(scalars[2:])
     want += list(np.sort(per_device[1:])[::-1] * (J / dimm_total))
+    want += [cand[s:].sum() / 40.0 for s in (7, 9, 11, 13, 15)]    # state above each level
     np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
-    idle = observations._load_stats(np.zeros((4, J + 1)), np.zeros(J + 1), 0.0, observations._TOLERANCES)
-    assert idle.tolist() == [0.0] * 7 + [1.0] * J
+    idle = _feature_row(np.zeros((4, J + 1)), np.zeros(J + 1), 0.0, np.zeros(8))
+    assert idle.tolist() == [0.0] * 15 + [1.0] * J
 
 
 def test_push_row_shifts_and_clips():
