@@ -182,10 +182,10 @@ class SchedulingEnv(gym.Env):
             if 0 <= action < self._n_actions[role]:
                 return {role: int(action)}
         flat = np.asarray(action).reshape(-1)
-        ok = flat.size == len(self.controlled) and (np.issubdtype(flat.dtype, np.integer) or
+        ok = flat.size == len(self.controlled) and (flat.dtype.kind in "iu" or
                                                     (flat.dtype.kind == "f" and np.all(flat == np.round(flat))))
-        acts = {role: int(a) for role, a in zip(self.controlled, flat)} if ok else {}
-        if not ok or any(not 0 <= a < self.grids[role].n for role, a in acts.items()):
+        acts = dict(zip(self.controlled, map(int, flat.tolist()))) if ok else {}
+        if not ok or any(not 0 <= a < self._n_actions[role] for role, a in acts.items()):
             raise ConfigError(f"action {action!r} is outside the action space {self.action_space}")
         return acts
 
