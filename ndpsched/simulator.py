@@ -553,14 +553,15 @@ class DecodeRun:
         # moved neurons' toggles: read from the replayed activity (a pass over the moved and
         # changed bitmaps, then a gather per moved toggler and token) when that is less work than
         # finding them among the window's toggles
-        n_toggles = int(trace.on_ptr[hi] - trace.on_ptr[lo] + trace.off_ptr[hi] - trace.off_ptr[lo])
+        on_ptr, off_ptr = trace.on_ptr[lo: hi + 1].tolist(), trace.off_ptr[lo: hi + 1].tolist()
+        n_toggles = on_ptr[-1] - on_ptr[0] + off_ptr[-1] - off_ptr[0]
         from_rows = rows is not None and len(self.moved_bits) // 8 + (n + 1) * self.n_moved < n_toggles
         parts = []
-        for ptr, ids, sign in ((trace.on_ptr, trace.on_idx, 1), (trace.off_ptr, trace.off_idx, -1)):
-            bounds = ptr[lo: hi + 1] - ptr[lo]
-            flat = ids[ptr[lo]: ptr[hi]]
-            parts.append([flat[bounds[i]: bounds[i + 1]] for i in range(n)])
+        for ptr, ids, sign in ((on_ptr, trace.on_idx, 1), (off_ptr, trace.off_idx, -1)):
+            parts.append([ids[ptr[i]: ptr[i + 1]] for i in range(n)])          # (Python ints: cheap slices)
             if self.n_moved and not from_rows:
+                flat = ids[ptr[0]: ptr[n]]
+                bounds = np.array(ptr) - ptr[0]
                 sel = _moved_positions(self.moved_bits, flat)
                 if len(sel):
                     step = np.searchsorted(bounds, sel, side="right") - 1
