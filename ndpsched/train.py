@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,12 +77,42 @@ def _check_hyperparams(cls, hp: dict[str, Any], algo: str) -> None:
 
 
 def _last_checkpoint(ckpt_dir: Path) -> tuple[int, Path] | None:
+    """(steps, path) of the newest complete checkpoint (a file that is not a whole zip, say one
+    an older release was writing when it was killed, is passed over)."""
+    import zipfile
+
     best = None
     for path in ckpt_dir.glob("ckpt_*_steps.zip"):
         m = re.match(r"ckpt_(\d+)_steps\.zip$", path.name)
-        if m and (best is None or int(m.group(1)) > best[0]):
+        if m and (best is None or int(m.group(1)) > best[0]) and zipfile.is_zipfile(path):
             best = (int(m.group(1)), path)
     return best
+
+
+def _checkpoint_callback(save_freq: int, save_path: Path, save_vecnormalize: bool, save_replay_buffer: bool):
+    """SB3's CheckpointCallback, written so that a kill cannot leave a half-written checkpoint
+    behind: each file goes to a temporary name and is renamed into place, and the model's zip
+    (what a resume looks for) comes last, after its normalisation statistics and replay buffer."""
+    from stable_baselines3.common.callbacks import CheckpointCallback
+
+    class AtomicCheckpoint(CheckpointCallback):
+        def _on_step(self) -> bool:
+            if self.n_calls % self.save_freq == 0:
+                def write(path: str, save: Callable[[str], Any]) -> None:
+                    part = f"{path}.part"
+                    save(part)
+                    os.replace(part, path)
+
+                if self.save_replay_buffer and getattr(self.model, "replay_buffer", None) is not None:
+                    write(self._checkpoint_path("replay_buffer_", extension="pkl"), self.model.save_replay_buffer)
+                vec_normalize = self.model.get_vec_normalize_env()
+                if self.save_vecnormalize and vec_normalize is not None:
+                    write(self._checkpoint_path("vecnormalize_", extension="pkl"), vec_normalize.save)
+                write(self._checkpoint_path(extension="zip"), self.model.save)
+            return True
+
+    return AtomicCheckpoint(save_freq=save_freq, save_path=str(save_path), name_prefix="ckpt",
+                            save_vecnormalize=save_vecnormalize, save_replay_buffer=save_replay_buffer)
 
 
 def train_policy(env_id: str, algo: str, *, timesteps: int, seed: int, hyperparams: dict[str, Any] | None = None,
@@ -107,7 +138,7 @@ def train_policy(env_id: str, algo: str, *, timesteps: int, seed: int, hyperpara
     """
     import gymnasium as gym
     import torch
-    from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
+    from stable_baselines3.common.callbacks import BaseCallback, CallbackList
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
@@ -197,9 +228,8 @@ def train_policy(env_id: str, algo: str, *, timesteps: int, seed: int, hyperpara
     hook = EvalHook()
     callbacks: list[BaseCallback] = [hook]
     if checkpoint_every:
-        callbacks.append(CheckpointCallback(save_freq=max(checkpoint_every // n_envs, 1), save_path=str(ckpt_dir),
-                                            name_prefix="ckpt", save_vecnormalize=bool(normalize),
-                                            save_replay_buffer=hasattr(model, "replay_buffer")))
+        callbacks.append(_checkpoint_callback(max(checkpoint_every // n_envs, 1), ckpt_dir, bool(normalize),
+                                              hasattr(model, "replay_buffer")))
     remaining = timesteps - model.num_timesteps
     t0 = time.perf_counter()
     if remaining > 0:

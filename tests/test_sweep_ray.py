@@ -148,7 +148,7 @@ def test_driver_sigkill_then_same_command_resumes(tmp_path):
     storage = f"sqlite:///{out / 'study.db'}"
     driver = subprocess.Popen(_sweep_cmd(config, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180       # (a guard: Ray's start on a loaded 2-core machine is slow)
     before = {}
     try:
         while time.monotonic() < deadline:

@@ -170,6 +170,18 @@ def test_missing_or_corrupt_artifact_is_named(tmp_path):
         load_artifact(tmp_path / "broken")
 
 
+def test_last_checkpoint_passes_over_a_half_written_one(tmp_path):
+    import zipfile
+
+    from ndpsched.train import _last_checkpoint
+    with zipfile.ZipFile(tmp_path / "ckpt_256_steps.zip", "w") as z:
+        z.writestr("data", "{}")
+    (tmp_path / "ckpt_512_steps.zip").write_bytes(b"PK\x03\x04 cut short")   # a kill mid-write
+    (tmp_path / "ckpt_768_steps.zip.part").write_bytes(b"")                     # an unfinished atomic write
+    assert _last_checkpoint(tmp_path) == (256, tmp_path / "ckpt_256_steps.zip")
+    assert _last_checkpoint(tmp_path / "none") is None
+
+
 def test_parse_seeds():
     assert parse_seeds("0-3") == [0, 1, 2, 3] and parse_seeds("1,5") == [1, 5] and parse_seeds("7") == [7]
     with pytest.raises(ConfigError):
