@@ -582,13 +582,12 @@ class _MemoPool:
     def __init__(self, t1: int, window_set: _WindowSet, dense: np.ndarray, leftover: np.ndarray,
                  on_gpu: np.ndarray, hot: np.ndarray, group_blocks: np.ndarray, group_shift: int) -> None:
         self.t1, self.window_set, self.on_gpu, self.consumed = t1, window_set, on_gpu, False
-        n_stage = (len(window_set.starts) - 1) // 16
+        self.n_stage = (len(window_set.starts) - 1) // 16
         self.states = dense.take
-        self.leftover, self.leftover_cell, cells, self.state_totals, self.hot_state = _memo_pool_cells(
+        self.leftover, self.leftover_cell, self.state_totals, self.hot_state = _memo_pool_cells(
             window_set.bits, window_set.starts, hot, group_blocks, group_shift, dense,
             np.asarray(leftover, dtype=np.int32), on_gpu)
         self.hot = hot
-        self.cells = cells.reshape(n_stage, 16)
 
     def members(self) -> np.ndarray:
         mask = np.zeros(len(self.on_gpu), dtype=bool)
@@ -599,7 +598,7 @@ class _MemoPool:
     def ranked(self, n_cols: int, limit: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`_MaskPool.ranked`, but with ``limit`` exactly each stage's first ``limit``
         are returned: its window-set run (cold ones only) merged with its leftovers."""
-        n_stage = self.cells.shape[0]
+        n_stage = self.n_stage
         ws = self.window_set
         return _memo_ranked(ws.ids, ws.cells, ws.starts, self.on_gpu, self.leftover, self.leftover_cell, n_stage,
                             n_cols, limit if limit is not None else np.zeros(n_stage, dtype=np.int64), limit is not None)
@@ -607,32 +606,27 @@ class _MemoPool:
 
 @kernel
 def _memo_pool_cells(bits, starts, hot, group_blocks, group_shift, dense, leftover, on_gpu):
-    """A replayed window's pool: (leftovers still candidates, their cells, (G * 16,) candidates per
-    cell, (16,) per 15 - state over the stages, the GPU neurons' states). Candidates are the window set (packed ``bits``, ``starts`` of
-    its cell runs) less the GPU neurons ``hot``, plus the leftovers that are cold and not in the
-    set. A neuron's stage is ``group_blocks[id >> group_shift]`` (see SchedContext).
+    """A replayed window's pool: (leftovers still candidates, their cells, (16,) candidates per
+    15 - state over the stages, the GPU neurons' states). Candidates are the window set (packed
+    ``bits``, ``starts`` of its cell runs) less the GPU neurons ``hot``, plus the leftovers that
+    are cold and not in the set. A neuron's stage is ``group_blocks[id >> group_shift]`` (see
+    SchedContext).
 
     The loops are kept free of data-dependent branches and of chains of increments of one counter
-    (most GPU neurons share a cell): each a few cycles per neuron."""
+    (most GPU neurons share a state): each a few cycles per neuron."""
     n_cells, n_hot = len(starts) - 1, len(hot)
     hot_state = np.empty(n_hot, np.uint8)
     for k in range(n_hot):
         hot_state[k] = dense[hot[k]]
-    members = np.empty(n_hot, np.int32)                 # places in ``hot`` of the set's members
-    m = 0
+    removed = np.zeros(64, np.int64)                    # GPU neurons in the set: four counts per state
     for k in range(n_hot):
         h = hot[k]
-        members[m] = k
-        m += (bits[h >> 3] >> (7 - (h & 7))) & 1
-    removed = np.zeros(4 * n_cells, np.int64)           # four interleaved counts per cell
-    for j in range(m):
-        k = members[j]
-        stage = group_blocks[hot[k] >> group_shift]
-        removed[(j & 3) * n_cells + stage * 16 + 15 - hot_state[k]] += 1
-    cells = np.empty(n_cells, np.int64)
+        removed[((k & 3) << 4) + 15 - hot_state[k]] += (bits[h >> 3] >> (7 - (h & 7))) & 1
+    totals = np.zeros(16, np.int64)
     for c in range(n_cells):
-        cells[c] = (starts[c + 1] - starts[c] - removed[c] - removed[n_cells + c]
-                    - removed[2 * n_cells + c] - removed[3 * n_cells + c])
+        totals[c & 15] += starts[c + 1] - starts[c]
+    for c in range(16):
+        totals[c] -= removed[c] + removed[16 + c] + removed[32 + c] + removed[48 + c]
     kept = np.empty(len(leftover), np.int32)
     kept_cell = np.empty(len(leftover), np.int32)
     n = 0
@@ -641,12 +635,9 @@ def _memo_pool_cells(bits, starts, hot, group_blocks, group_shift, dense, leftov
             stage = group_blocks[i >> group_shift]
             kept[n] = i
             kept_cell[n] = stage * 16 + 15 - dense[i]
-            cells[kept_cell[n]] += 1
+            totals[15 - dense[i]] += 1
             n += 1
-    totals = np.zeros(16, np.int64)
-    for c in range(n_cells):
-        totals[c & 15] += cells[c]
-    return kept[:n].copy(), kept_cell[:n].copy(), cells, totals, hot_state
+    return kept[:n].copy(), kept_cell[:n].copy(), totals, hot_state
 
 
 @kernel
