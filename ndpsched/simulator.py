@@ -571,7 +571,7 @@ class DecodeRun:
             # the window's changed bits (N / 8 bytes, kept by the replay) skip the moved neurons
             # that do not toggle in it (about 60 % of them under hermes.adjust)
             _recount_moved_from_rows(flat_deltas, rows, replay.changed(t0, t1, rows), self.moved_bits,
-                                     self.key_of, self.base_key, self.K)
+                                     self.n_moved, self.key_of, self.base_key, self.K)
         # the counts after each token, the window's load per cell and per device (one compiled pass)
         window_load, per_dev, all_work = _running_counts(deltas, self.total, self.total_buf[:n], self.n_dev)
         toggles = [[(on, off)] for on, off in zip(*parts)]
@@ -756,29 +756,24 @@ def _moved_positions(moved_bits, ids):
 
 
 @kernel
-def _recount_moved_from_rows(flat_deltas, rows, changed, moved_bits, key_of, base_key, K):
+def _recount_moved_from_rows(flat_deltas, rows, changed, moved_bits, n_moved, key_of, base_key, K):
     """Re-count the window's toggles of the moved neurons (set in the packed ``moved_bits``: their
     key now, ``key_of``, is not their start key, ``base_key``): the (n, K) base deltas
     (``flat_deltas``, flat) counted them under their start keys. ``rows``: the (n + 1, N / 8)
     packed active sets t0 - 1 .. t1 - 1; ``changed``: the packed neurons whose activity changes
-    in the window (both bitmaps padded to whole 64-bit words).
+    in the window (both bitmaps padded to whole 64-bit words); ``n_moved``: how many bits
+    ``moved_bits`` has set (at most that many toggle).
 
     The moved neurons that toggle are the bits of ``moved_bits & changed``, a word at a time, found
     in id order (one pass over 2 x N / 8 bytes; the rows are then read in order); their keys are
     gathered in loops of their own (the loads overlap)."""
     n = rows.shape[0] - 1
     moved_words, changed_words = moved_bits.view(np.uint64), changed.view(np.uint64)
+    ids = np.empty(n_moved, np.int64)
     m = 0
     for w in range(len(moved_words)):
         x = moved_words[w] & changed_words[w]
-        while x:
-            m += 1
-            x &= x - np.uint64(1)
-    ids = np.empty(m, np.int64)
-    m = 0
-    for w in range(len(moved_words)):
-        x = moved_words[w] & changed_words[w]
-        while x:
+        while x and m < n_moved:
             b = trailing_zeros(x)
             x &= x - np.uint64(1)
             # word bit b is byte b // 8 of the word, bit 7 - b % 8 of the byte (np.packbits order)

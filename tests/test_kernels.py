@@ -242,7 +242,8 @@ def test_recount_moved_from_rows_matches_numpy(n):
     moved = rng.random(n) < 0.25
     key_of[moved] = (base_key[moved] + rng.integers(1, K, moved.sum())) % K       # away from their start
     got = np.zeros(n_tokens * K, dtype=np.int64)
-    simulator._recount_moved_from_rows(got, rows, changed, _padded(np.packbits(moved)), key_of, base_key, K)
+    simulator._recount_moved_from_rows(got, rows, changed, _padded(np.packbits(moved)), int(moved.sum()), key_of,
+                                       base_key, K)
     ids = np.flatnonzero(moved)
     step = np.diff(SequenceReplay.active_of(rows, ids).view(np.int8).astype(np.int64), axis=0)   # (n_tokens, m)
     want = np.zeros((n_tokens, K), dtype=np.int64)
