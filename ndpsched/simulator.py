@@ -621,10 +621,9 @@ class DecodeRun:
             promote, evict, ctx.n_neurons, self._id_bits, placement.on_gpu, placement.home_dimm, ctx.model.n_layers,
             *self._rekey_state())
         if problem:
-            who = who or f"partition '{self.sim.partition.registered_name}'"
-            raise ConfigError(f"{who} " + _ID_PROBLEMS[problem].format(n_max=ctx.n_neurons - 1))
+            raise ConfigError(f"{self._who('partition', who)} " + _ID_PROBLEMS[problem].format(n_max=ctx.n_neurons - 1))
         if delta > 0:   # a swap of equal sizes cannot overflow; only a net growth is checked
-            check_gpu_capacity(ctx, placement.on_gpu, who or f"partition '{self.sim.partition.registered_name}'")
+            check_gpu_capacity(ctx, placement.on_gpu, self._who("partition", who))
         placement.hot_changes += 1
         placement.last_hot_change = change
         self.pending_pcie += copied
@@ -646,8 +645,7 @@ class DecodeRun:
         ctx, placement = self.ctx, self.placement
         idx, dest = _id_arrays(change.neurons, change.dest)
         if dest.shape != idx.shape:
-            who = who or f"balancer '{self.sim.balancer.registered_name}'"
-            raise ConfigError(f"{who} returned {len(dest)} destinations for {len(idx)} neurons")
+            raise ConfigError(f"{self._who('balancer', who)} returned {len(dest)} destinations for {len(idx)} neurons")
         cost = self.sim.cost
         # one compiled pass: checks, the real moves (destination not the home), per-DIMM weight
         # bytes (updated by the moves only: a full recount is O(neurons)), the DIMM-link time per
@@ -656,11 +654,10 @@ class DecodeRun:
             idx, dest, ctx.n_neurons, self._id_bits, placement.home_dimm, placement.on_gpu, self.dimm_bytes,
             ctx.model.n_layers, change.priced, cost.link_bw, cost.link_lat_s, self.pending_link, *self._rekey_state())
         if problem:
-            who = who or f"balancer '{self.sim.balancer.registered_name}'"
             detail = f"returned destinations outside DIMMs 0..{ctx.n_dimms - 1}" if problem == 3 else _ID_PROBLEMS[problem].format(n_max=ctx.n_neurons - 1)
-            raise ConfigError(f"{who} {detail}")
+            raise ConfigError(f"{self._who('balancer', who)} {detail}")
         if fullest > ctx.dimm_budget_bytes * (1 + 1e-9):
-            check_dimm_capacity(ctx, placement.home_dimm, who or f"balancer '{self.sim.balancer.registered_name}'")
+            check_dimm_capacity(ctx, placement.home_dimm, self._who("balancer", who))
         self.moves["remapped"] += n_real
         self.decision["remapped"] += n_real
         if not change.priced:                    # a bound's free moves (see BalanceMoves)
@@ -668,6 +665,10 @@ class DecodeRun:
         self.moved_bytes["dimm_link"] += moved_bytes
         self.decision["dimm_link_bytes"] += moved_bytes
         return {"remapped": n_real, "dimm_link_bytes": moved_bytes}
+
+    def _who(self, role: str, who: str | None) -> str:
+        """How an error names the decision's author: ``who`` if given, else the run's policy."""
+        return who or f"{role} '{getattr(self.sim, role).registered_name}'"
 
     def _rekey_state(self) -> tuple:
         """The arguments of :func:`_rekey_counts` after the movers: where neurons sit, their active
@@ -915,8 +916,7 @@ def _apply_remap(idx, dest, n, id_bits, home_dimm, on_gpu, dimm_bytes, n_layers,
 
     Returns (problem: 0, or 1 / 2 as in ``_ID_PROBLEMS`` / 3 for a destination outside the DIMMs,
     with nothing changed; real moves; their bytes; the fullest DIMM's bytes; the moved count)."""
-    problem, k_marked = _mark_ids(idx, n, id_bits)
-    _unmark_ids(idx, k_marked, id_bits)
+    problem = _id_problem(idx, n, id_bits)
     J = len(dimm_bytes)
     if problem == 0:
         for d in dest:
