@@ -20,7 +20,8 @@ FEATURE_MAX = 10.0
 TOLERANCE_LEVELS = (0.02, 0.05, 0.1, 0.2)
 #: FSM-state levels whose candidate counts are observed (the hot-threshold levels of the grid)
 STATE_LEVELS = (6, 8, 10, 12, 14)
-_STATE_ABOVE = [s + 1 for s in STATE_LEVELS]
+#: each level's candidates are those with a state above it
+_STATE_ABOVE = np.array(STATE_LEVELS, dtype=np.int64) + 1
 _TOLERANCES = np.array(TOLERANCE_LEVELS)
 
 COMMON_FEATURES = (
@@ -92,7 +93,6 @@ def _n_features(inputs: tuple) -> int:
 
 
 _NO_CANDIDATES = np.zeros(0, dtype=np.int64)
-_STATE_ABOVE_ARRAY = np.array(_STATE_ABOVE, dtype=np.int64)
 
 
 @kernel
@@ -138,9 +138,9 @@ def _feature_row(row, device_load, per_device, dimm_total, tolerances, scalars, 
     at += J
     if len(cand):
         # candidates with state >= s: the histogram is indexed by 15 - state
-        for k in range(len(_STATE_ABOVE_ARRAY)):
+        for k in range(len(_STATE_ABOVE)):
             count = 0
-            for c in range(16 - _STATE_ABOVE_ARRAY[k]):
+            for c in range(16 - _STATE_ABOVE[k]):
                 count += cand[15 - c]
             row[at + k] = count / cap
     return row
