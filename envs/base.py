@@ -153,6 +153,11 @@ class SchedulingEnv(gym.Env):
         sizes = [self.grids[role].n for role in self.controlled]
         self._n_actions = dict(zip(self.controlled, sizes))
         self._action_names = {role: self.grids[role].names for role in self.controlled}
+        # a Discrete space's actions as _split returns them
+        self._discrete_acts = ([{self.controlled[0]: a} for a in range(sizes[0])] if len(self.controlled) == 1
+                               else None)
+        # each decision role's action settings (None: the agent does not control the role)
+        self._settings = {role: self.grids[role].settings if role in self.grids else None for role in DECISION_ROLES}
         self._mask_offset = dict(zip(self.controlled, np.cumsum([0, *sizes[:-1]]).tolist()))
         hw = self.sim.hw
         self._link_j_per_byte = 8e-12 * hw.dimm_link.energy_pj_per_bit
@@ -177,10 +182,9 @@ class SchedulingEnv(gym.Env):
 
     def _split(self, action: Any) -> dict[str, int]:
         """{role: action index} of an action of this env's space (anything else is an error)."""
-        if isinstance(action, (int, np.integer)) and len(self.controlled) == 1:   # Discrete: the common case
-            role = self.controlled[0]
-            if 0 <= action < self._n_actions[role]:
-                return {role: int(action)}
+        if isinstance(action, (int, np.integer)) and self._discrete_acts is not None:   # Discrete: the common case
+            if 0 <= action < len(self._discrete_acts):
+                return self._discrete_acts[action]        # (read only: shared between steps)
         flat = np.asarray(action).reshape(-1)
         ok = flat.size == len(self.controlled) and (flat.dtype.kind in "iu" or
                                                     (flat.dtype.kind == "f" and np.all(flat == np.round(flat))))
@@ -234,33 +238,45 @@ class SchedulingEnv(gym.Env):
         if run is None or run.done:
             raise ConfigError("the episode is over (or was never started): call reset()")
         acts = self._split(action)
-        mask = self._masks
+        mask, offset = self._masks, self._mask_offset
         for role, a in acts.items():
-            if not mask[self._mask_offset[role] + a]:
-                first = self._mask_offset[role]
-                raise ConfigError(f"{role} action {a} ({self.grids[role].describe(a)}) is masked out now; valid "
-                                  f"actions: {np.flatnonzero(mask[first: first + self.grids[role].n]).tolist()}")
-        activity, placement = run.last.activity, run.placement
-        moves: dict[str, float] = {}
-        for role in DECISION_ROLES:
-            policy = getattr(self.sim, role)
-            change = None
-            if role not in acts:
-                change = policy.update(activity, placement)
-            else:
-                setting = self.grids[role].settings[acts[role]]
-                if setting is not None:
-                    policy.params = setting
-                    change = policy.update(activity, placement)
-            moves.update((run.apply_partition if role == "partition" else run.apply_balance)(change))
-        energy_j = moves["dimm_link_bytes"] * self._link_j_per_byte + moves["pcie_bytes"] * self._pcie_j_per_byte
+            if not mask[offset[role] + a]:
+                self._masked(role, a)
+        activity, placement, sim = run.last.activity, run.placement, self.sim
+        partition, balancer = sim.partition, sim.balancer
+        # DECISION_ROLES' order: the partition first, then the balancer on the new hot set
+        a = acts.get("partition")
+        change = self._decide(partition, self._settings["partition"], a, activity, placement)
+        moves = run.apply_partition(change)
+        a = acts.get("balancer")
+        change = self._decide(balancer, self._settings["balancer"], a, activity, placement)
+        moves.update(run.apply_balance(change))
+        link_bytes, pcie_bytes = moves["dimm_link_bytes"], moves["pcie_bytes"]
+        energy_j = link_bytes * self._link_j_per_byte + pcie_bytes * self._pcie_j_per_byte
         out = run.next_window()
-        report = WindowReport(out.window_s, out.t1 - out.t0, self._reference_token_s, energy_j,
-                              moves["dimm_link_bytes"], moves["pcie_bytes"])
-        reward = float(self.reward_fn(report))
+        reward = float(self.reward_fn(WindowReport(out.window_s, out.t1 - out.t0, self._reference_token_s, energy_j,
+                                                   link_bytes, pcie_bytes)))
         obs = self._observe(out, moves)
         info = self._info(out, moves, energy_j, acts)
         return obs, reward, run.done, False, info
+
+    @staticmethod
+    def _decide(policy, settings, a, activity, placement):
+        """A role's change at a window boundary: its heuristic's own (``a`` None: the agent does
+        not control it), or the heuristic with the parameters action ``a`` picks (None: no move)."""
+        if a is None:
+            return policy.update(activity, placement)
+        setting = settings[a]
+        if setting is None:
+            return None
+        policy.params = setting
+        return policy.update(activity, placement)
+
+    def _masked(self, role: str, a: int) -> None:
+        first = self._mask_offset[role]
+        valid = np.flatnonzero(self._masks[first: first + self.grids[role].n]).tolist()
+        raise ConfigError(f"{role} action {a} ({self.grids[role].describe(a)}) is masked out now; valid "
+                          f"actions: {valid}")
 
     # ---- observation and info ------------------------------------------------------------------------
     def _observe(self, out: WindowOutcome, moves: dict[str, float]) -> np.ndarray:
@@ -269,14 +285,13 @@ class SchedulingEnv(gym.Env):
 
     def _info(self, out: WindowOutcome, moves: dict[str, float], energy_j: float, action) -> dict[str, Any]:
         n, window_s = out.t1 - out.t0, out.window_s
-        imbalance = out.cost.dimm_imbalance.tolist()
         info = {
             "tokens": n,
             "window_s": window_s,
             "token_s": window_s / n,
             "reference_token_s": self._reference_token_s,
             "breakdown_s": out.cost.components,             # (a window's own dict: no copy)
-            "dimm_imbalance": sum(imbalance) / len(imbalance),
+            "dimm_imbalance": self._stack.last_dimm_imbalance,     # (the observation's pass computed it)
             # (apply_partition and apply_balance always report these keys)
             "moves": {"promoted": int(moves["promoted"]), "evicted": int(moves["evicted"]),
                       "remapped": int(moves["remapped"])},
@@ -286,7 +301,9 @@ class SchedulingEnv(gym.Env):
         }
         if action is not None:
             names = self._action_names
-            info["action"] = {role: names[role][a] for role, a in action.items()}
+            named = info["action"] = {}
+            for role, a in action.items():
+                named[role] = names[role][a]
         self._last_info = info
         return info
 

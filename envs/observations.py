@@ -53,88 +53,111 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
         candidate_states: (16,) histogram of FSM states of the cold neurons that are candidates
             for promotion (HotCold), or None.
     """
-    inputs = _feature_inputs(run, out, reference_token_s, last_moves, candidate_states)
-    row = np.empty(_n_features(inputs), np.float64)
-    _feature_row(row, *inputs)
+    args = _feature_args(run, out, reference_token_s, last_moves, candidate_states)
+    n = len(COMMON_FEATURES) + out.activity.device_load.shape[1] - 1 + (len(STATE_LEVELS) if len(args[3]) else 0)
+    row = np.empty(n, np.float64)
+    _feature_row(row, np.empty(len(out.activity.device_load)), *args)
     return row
 
 
-def _feature_inputs(run: DecodeRun, out: WindowOutcome, reference_token_s: float, last_moves: dict[str, float],
-                    candidate_states: np.ndarray | None) -> tuple:
-    """The arguments of :func:`_feature_row` after its output row: the window's (2L, J + 1) loads
-    and (J + 1,) per-device loads, its DIMM activations, the tolerance levels, the scalar features,
-    the candidates' state histogram (empty if none) and the promotion capacity."""
-    sim, cost = run.sim, out.cost
-    device_load = out.activity.device_load                   # (2L, J + 1) activations per stage, device
-    per_device = out.device_activations if out.device_activations is not None else device_load.sum(axis=0)
-    window_s = out.window_s
+def _feature_args(run: DecodeRun, out: WindowOutcome, reference_token_s: float, last_moves: dict[str, float],
+                  candidate_states: np.ndarray | None, consts: np.ndarray | None = None) -> tuple:
+    """The arguments of :func:`_feature_row` after its output row: the window's (2L, J + 1) loads,
+    (J + 1,) per-device loads and per-step DIMM imbalance, the candidates' state histogram (empty
+    if none), the simulator's constants (``consts``, else :func:`_constants`), then the scalars the
+    features are ratios of (plain floats: a kernel takes them for free, an array of them costs a
+    microsecond)."""
+    cost = out.cost
     comps = cost.components
-    compute = comps["gpu_compute"] + comps["dimm_compute"]
-    link_bytes_hidden, pcie_bytes_hidden, promotion_cap = _constants(sim)
-    imbalance = cost.dimm_imbalance.tolist()
-    scalars = np.array([
-        window_s / (out.t1 - out.t0) / reference_token_s,
-        sum(imbalance) / len(imbalance) - 1.0,
-        out.gpu_activations / out.all_activations if out.all_activations else 0.0,
-        comps["exposed_migration"] / window_s,
-        last_moves.get("dimm_link_bytes", 0.0) / link_bytes_hidden,
-        last_moves.get("pcie_bytes", 0.0) / pcie_bytes_hidden,
-        run.next_step / sim.gen_len,
-        comps["dimm_compute"] / compute if compute > 0 else 0.0,
-    ])
+    per_device = out.device_activations
+    if per_device is None:
+        per_device = out.activity.device_load.sum(axis=0)
     cand = _NO_CANDIDATES if candidate_states is None else np.asarray(candidate_states, dtype=np.int64)
-    return (device_load, per_device, out.all_activations - out.gpu_activations, _TOLERANCES, scalars, cand,
-            promotion_cap)
-
-
-def _n_features(inputs: tuple) -> int:
-    device_load, cand = inputs[0], inputs[5]
-    return len(COMMON_FEATURES) + device_load.shape[1] - 1 + (len(STATE_LEVELS) if len(cand) else 0)
+    if consts is None:
+        consts = _constants(run.sim)
+    return (out.activity.device_load, per_device, cost.dimm_imbalance, cand, consts,
+            out.window_s, out.t1 - out.t0, reference_token_s, comps["exposed_migration"], comps["gpu_compute"],
+            comps["dimm_compute"], last_moves.get("dimm_link_bytes", 0.0), last_moves.get("pcie_bytes", 0.0),
+            run.next_step / run.sim.gen_len)
 
 
 _NO_CANDIDATES = np.zeros(0, dtype=np.int64)
 
 
 @kernel
-def _feature_row(row, device_load, per_device, dimm_total, tolerances, scalars, cand, cap):
+def _feature_row(row, excess, device_load, per_device, imbalance, cand, consts, window_s, n_tokens, reference_token_s,
+                 exposed_s, gpu_compute_s, dimm_compute_s, link_bytes, pcie_bytes, progress):
     """One window's features into ``row``, in the order of :func:`feature_names`, in one compiled
-    pass instead of a dozen small numpy calls at every env step: ``scalars[:2]`` (latency,
-    imbalance), the load statistics, ``scalars[2:]``, the DIMM ranks, then (if ``cand`` (16,) is
-    not empty) the candidates per state level over ``cap``.
+    pass instead of a dozen small numpy calls at every env step (``excess``: scratch of at least
+    2L floats). Returns the mean per-step DIMM imbalance (the info's ``dimm_imbalance``).
+
+    The scalars: per-token latency over the reference; mean per-step DIMM imbalance - 1; the GPU's
+    share of the activations (``per_device[0]`` of their sum); exposed migration over the window's
+    time; the DIMM-link and PCIe bytes moved over what a window hides (``consts[:2]``); progress;
+    the DIMMs' share of the compute time.
 
     The load statistics: per stage, how far its slowest DIMM is above the mean (max / mean - 1,
     from the (2L, J + 1) loads, GPU column first; the 1e-30 makes an idle stage 0 and changes no
     busy stage's ratio, its loads being whole activations): the fraction of stages above each
-    tolerance, the median, the 90th percentile (lower) and the maximum; the DIMM ranks: the DIMMs'
-    window loads (``per_device[1:]``) from the busiest down over their mean (all 1 if idle)."""
+    tolerance (:data:`TOLERANCE_LEVELS`), the median, the 90th percentile (lower) and the maximum;
+    the DIMM ranks: the DIMMs' window loads (``per_device[1:]``) from the busiest down over their
+    mean (all 1 if idle); then (if ``cand`` (16,) is not empty) the candidates per state level
+    over the promotion capacity ``consts[2]``.
+
+    Both orderings are insertion sorts of a few dozen values, with no allocation: between two
+    windows of the simulator this code runs cold, and np.sort's larger code and a scratch
+    allocation cost more there than the comparisons."""
     n, J = device_load.shape[0], device_load.shape[1] - 1
-    excess = np.empty(n, np.float64)
     for g in range(n):
         top = device_load[g, 1]
         total = device_load[g, 1]
         for j in range(2, J + 1):
             top = max(top, device_load[g, j])
             total += device_load[g, j]
-        excess[g] = (top * J + 1e-30) / (total + 1e-30) - 1.0
-    excess.sort()
-    n_tol = len(tolerances)
-    row[0], row[1] = scalars[0], scalars[1]
+        x = (top * J + 1e-30) / (total + 1e-30) - 1.0
+        i = g                                   # excess[:g + 1] ascending
+        while i > 0 and excess[i - 1] > x:
+            excess[i] = excess[i - 1]
+            i -= 1
+        excess[i] = x
+    imbalance_sum = 0.0
+    for s in range(len(imbalance)):
+        imbalance_sum += imbalance[s]
+    imbalance_mean = imbalance_sum / len(imbalance)
+    gpu_total = per_device[0]
+    all_total = per_device[0]
+    for j in range(1, J + 1):
+        all_total += per_device[j]
+    dimm_total = all_total - gpu_total
+    compute_s = gpu_compute_s + dimm_compute_s
+    row[0] = window_s / n_tokens / reference_token_s
+    row[1] = imbalance_mean - 1.0
+    n_tol = len(_TOLERANCES)
     for k in range(n_tol):
         above = 0
         for g in range(n):
-            above += excess[g] > tolerances[k]
+            above += excess[g] > _TOLERANCES[k]
         row[2 + k] = above / n
     at = 2 + n_tol
     row[at] = excess[n // 2]
     row[at + 1] = excess[int(0.9 * (n - 1))]
     row[at + 2] = excess[n - 1]
-    at += 3
-    for k in range(2, len(scalars)):
-        row[at] = scalars[k]
-        at += 1
-    dimms = np.sort(per_device[1:])
+    row[at + 3] = gpu_total / all_total if all_total else 0.0
+    row[at + 4] = exposed_s / window_s
+    row[at + 5] = link_bytes / consts[0]
+    row[at + 6] = pcie_bytes / consts[1]
+    row[at + 7] = progress
+    row[at + 8] = dimm_compute_s / compute_s if compute_s > 0 else 0.0
+    at += 9
+    for j in range(J):                          # the DIMMs' loads, busiest first
+        x = per_device[1 + j]
+        i = j
+        while i > 0 and row[at + i - 1] < x:
+            row[at + i] = row[at + i - 1]
+            i -= 1
+        row[at + i] = x
     for j in range(J):
-        row[at + j] = dimms[J - 1 - j] * (J / dimm_total) if dimm_total > 0 else 1.0
+        row[at + j] = row[at + j] * (J / dimm_total) if dimm_total > 0 else 1.0
     at += J
     if len(cand):
         # candidates with state >= s: the histogram is indexed by 15 - state
@@ -142,22 +165,22 @@ def _feature_row(row, device_load, per_device, dimm_total, tolerances, scalars, 
             count = 0
             for c in range(16 - _STATE_ABOVE[k]):
                 count += cand[15 - c]
-            row[at + k] = count / cap
-    return row
+            row[at + k] = count / consts[2]
+    return imbalance_mean
 
 
-def _constants(sim) -> tuple[float, float, float]:
+def _constants(sim) -> np.ndarray:
     """Per simulator (its hardware, cost model and batch do not change): the DIMM-link and PCIe
     bytes one window's projections hide (the migration time hidden per window, one projection
     per layer), and the promotion capacity (at least 1): neurons PCIe copies within one
-    projection per layer, summed over layers (FFN-sized)."""
+    projection per layer, summed over layers (FFN-sized); a (3,) float64 array."""
     out = _CONSTANTS.get(sim)
     if out is None:
         cm = sim.cost
         hidden_s = cm.fixed_times_s(sim.batch)[2] * sim.model.n_layers
         per_layer_bytes = cm.projection_s(sim.batch) * cm.pcie_bw
         cap = float(per_layer_bytes / cm.neuron_bytes[1] * sim.model.n_layers)
-        out = _CONSTANTS[sim] = (cm.link_bw * hidden_s, cm.pcie_bw * hidden_s, max(cap, 1.0))
+        out = _CONSTANTS[sim] = np.array([cm.link_bw * hidden_s, cm.pcie_bw * hidden_s, max(cap, 1.0)])
     return out
 
 
@@ -171,32 +194,42 @@ class ObservationStack:
 
     def __init__(self, history: int, n_features: int) -> None:
         self._hist = np.zeros((history, n_features), dtype=np.float32)   # rows clipped on entry
+        self._sim, self._consts = None, None       # the last simulator pushed and its _constants
+        self._scratch = np.zeros(0)                 # _push_window's row and per-stage scratch
+        #: mean per-step DIMM imbalance of the last window pushed (:meth:`push_window`)
+        self.last_dimm_imbalance = float("nan")
 
     def reset(self) -> None:
         self._hist[:] = 0.0
 
     def push(self, features: np.ndarray) -> np.ndarray:
         """Add a window's features (clipped) and return the flat history (a new array)."""
-        return _push_row(self._hist, np.asarray(features, dtype=np.float64), FEATURE_MAX)
+        _push_row(self._hist, np.asarray(features, dtype=np.float64), FEATURE_MAX)
+        return self._hist.ravel().copy()
 
     def push_window(self, run: DecodeRun, out: WindowOutcome, reference_token_s: float,
                     last_moves: dict[str, float], candidate_states: np.ndarray | None) -> np.ndarray:
         """``push(window_features(...))`` in one compiled call (the envs' step)."""
-        return _push_window(self._hist, FEATURE_MAX,
-                            *_feature_inputs(run, out, reference_token_s, last_moves, candidate_states))
+        if run.sim is not self._sim:
+            self._sim, self._consts = run.sim, _constants(run.sim)
+            self._scratch = np.zeros(self._hist.shape[1] + len(out.activity.device_load))
+        self.last_dimm_imbalance = _push_window(
+            self._hist, FEATURE_MAX, self._scratch,
+            *_feature_args(run, out, reference_token_s, last_moves, candidate_states, self._consts))
+        # (the copy here: an array returned by a kernel costs 3x more to hand back)
+        return self._hist.ravel().copy()
 
 
 @kernel
 def _push_row(hist, features, top):
-    """Shift the (history, F) float32 rows up by one, write ``features`` clipped to [0, top] as
-    the last row, and return a flat copy (the env's observation; a view would change with the
-    next push). One compiled call: numpy's shift, two clips and a copy cost 4x more here."""
+    """Shift the (history, F) float32 rows up by one and write ``features`` clipped to [0, top]
+    as the last row. One compiled call: numpy's shift and two clips cost 4x more here."""
     h, n = hist.shape
     for r in range(h - 1):
-        hist[r] = hist[r + 1]
+        for j in range(n):
+            hist[r, j] = hist[r + 1, j]
     for j in range(n):
         hist[h - 1, j] = min(max(features[j], 0.0), top)
-    return hist.flatten()
 
 
 def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.ndarray | None:
@@ -209,8 +242,13 @@ def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.nda
 
 
 @kernel
-def _push_window(hist, top, device_load, per_device, dimm_total, tolerances, scalars, cand, cap):
-    """:func:`_feature_row` into a scratch row, then :func:`_push_row` of it."""
-    row = np.empty(hist.shape[1], np.float64)
-    _feature_row(row, device_load, per_device, dimm_total, tolerances, scalars, cand, cap)
-    return _push_row(hist, row, top)
+def _push_window(hist, top, scratch, device_load, per_device, imbalance, cand, consts, window_s, n_tokens,
+                 reference_token_s, exposed_s, gpu_compute_s, dimm_compute_s, link_bytes, pcie_bytes, progress):
+    """:func:`_feature_row` into ``scratch`` (the row, then the per-stage scratch), then
+    :func:`_push_row` of it; returns the window's mean DIMM imbalance."""
+    n_features = hist.shape[1]
+    imbalance_mean = _feature_row(scratch[:n_features], scratch[n_features:], device_load, per_device, imbalance,
+                                  cand, consts, window_s, n_tokens, reference_token_s, exposed_s, gpu_compute_s,
+                                  dimm_compute_s, link_bytes, pcie_bytes, progress)
+    _push_row(hist, scratch[:n_features], top)
+    return imbalance_mean

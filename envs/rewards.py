@@ -13,9 +13,9 @@ from typing import Any, Callable
 from ndpsched.errors import ConfigError, unknown_name
 
 
-@dataclass
+@dataclass(slots=True)
 class WindowReport:
-    """What a reward sees of one window (all in SI units)."""
+    """What a reward sees of one window (all in SI units; slotted: one is made per env step)."""
 
     window_s: float                  # decode time of the window's tokens
     n_tokens: int

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -176,6 +177,33 @@ class WindowActivity:
         # returns the (N,) counts of the whole window where the simulator has them (a replayed
         # sequence, see ndpsched.replay): neuron_counts is then one gather
         self._window_counts = window_counts
+
+    #: the run (a DecodeRun) and its WindowOutcome of this window, set by the simulator for
+    #: policies that observe the whole run
+    run: Any = None
+    _outcome: Any = None
+
+    @property
+    def outcome(self) -> Any:
+        """The window's outcome (held weakly: the outcome holds this activity, and a reference
+        cycle would keep every window's arrays alive until the garbage collector ran)."""
+        return self._outcome() if self._outcome is not None else None
+
+    @outcome.setter
+    def outcome(self, outcome: Any) -> None:
+        self._outcome = None if outcome is None else weakref.ref(outcome)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if "_outcome" in state:                  # (a weak reference does not pickle: the outcome does)
+            state["_outcome"] = self.outcome
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        outcome = state.pop("_outcome", None)
+        self.__dict__.update(state)
+        if outcome is not None:
+            self.outcome = outcome
 
     @property
     def active(self) -> np.ndarray | None:

@@ -233,6 +233,22 @@ def test_bad_reset_option_is_named():
         env.reset(options={"sequence": 1})
 
 
+@pytest.mark.parametrize("env_id", list(ENV_IDS))
+def test_steps_out_of_order_are_refused_without_gymnasiums_wrappers(env_id):
+    env = make(env_id)
+    assert env.unwrapped is env                  # registered without OrderEnforcing / PassiveEnvChecker
+    assert env.render() is None
+    with pytest.raises(ConfigError, match="call reset"):
+        env.step(env.unwrapped.heuristic_action())
+    env.reset(seed=0)
+    done = False
+    while not done:
+        *_, terminated, truncated, _ = env.step(env.unwrapped.heuristic_action())
+        done = terminated or truncated
+    with pytest.raises(ConfigError, match="episode is over"):
+        env.step(env.unwrapped.heuristic_action())
+
+
 def test_evaluate_scores_heuristic_random_and_fixed_agents_the_same_way():
     kw = dict(env_id="ndpsched/DimmBalance-v0", n_episodes=3, seed=100, env_kwargs=TINY)
     results = [evaluate(HeuristicAgent(), **kw), evaluate(RandomAgent(seed=0), **kw),

@@ -16,10 +16,16 @@ from ndpsched.policies import balancer, fsm, partition
 from ndpsched.replay import SequenceReplay
 
 
-def _feature_row(load, per_device, dimm_total, scalars, cand=observations._NO_CANDIDATES, cap=1.0):
+def _feature_row(load, per_device, imbalance, scalars, cand=observations._NO_CANDIDATES, cap=1.0):
+    """``scalars``: window_s, n_tokens, reference_token_s, exposed_s, gpu_compute_s, dimm_compute_s,
+    link_bytes, pcie_bytes, progress; link and PCIe bytes hidden per window are 2 and 4."""
     J = load.shape[1] - 1
     row = np.full(len(observations.COMMON_FEATURES) + J + (len(observations.STATE_LEVELS) if len(cand) else 0), np.nan)
-    return observations._feature_row(row, load, per_device, dimm_total, observations._TOLERANCES, scalars, cand, cap)
+    consts = np.array([2.0, 4.0, cap])
+    excess = np.full(len(load), np.nan)
+    mean = observations._feature_row(row, excess, load, per_device, imbalance, cand, consts, *scalars)
+    assert mean == sum(imbalance.tolist()) / len(imbalance)
+    return row
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -31,30 +37,35 @@ def test_feature_row_matches_numpy(seed):
     load[3, 1:] = 7.0                                              # a perfectly even one
     per_device = load.sum(axis=0)
     dimm_total = float(per_device[1:].sum())
-    scalars = rng.random(8)
+    imbalance = 1.0 + rng.random(5)
+    window_s, n_tokens, ref_s, exposed_s, gpu_s, dimm_s, link_b, pcie_b, progress = (
+        *rng.random(1), 5, *rng.random(7))
+    scalars = (window_s, n_tokens, ref_s, exposed_s, gpu_s, dimm_s, link_b, pcie_b, progress)
     cand = rng.integers(0, 50, 16)                                 # candidates per FSM state
-    got = _feature_row(load, per_device, dimm_total, scalars, cand, 40.0)
+    got = _feature_row(load, per_device, imbalance, scalars, cand, 40.0)
 
     dimms = load[:, 1:]
     excess = np.sort((dimms.max(axis=1) * J + 1e-30) / (dimms.sum(axis=1) + 1e-30) - 1.0)
-    want = list(scalars[:2]) + [np.mean(excess > t) for t in observations.TOLERANCE_LEVELS]
+    want = [window_s / n_tokens / ref_s, imbalance.mean() - 1.0]
+    want += [np.mean(excess > t) for t in observations.TOLERANCE_LEVELS]
     want += [excess[n_stages // 2], excess[int(0.9 * (n_stages - 1))], excess[-1]]
-    want += list(scalars[2:])
+    want += [per_device[0] / per_device.sum(), exposed_s / window_s, link_b / 2.0, pcie_b / 4.0, progress,
+             dimm_s / (gpu_s + dimm_s)]
     want += list(np.sort(per_device[1:])[::-1] * (J / dimm_total))
     want += [cand[s:].sum() / 40.0 for s in (7, 9, 11, 13, 15)]    # state above each level
-    np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
-    idle = _feature_row(np.zeros((4, J + 1)), np.zeros(J + 1), 0.0, np.zeros(8))
-    assert idle.tolist() == [0.0] * 15 + [1.0] * J
+    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    idle = _feature_row(np.zeros((4, J + 1)), np.zeros(J + 1), np.ones(5), (1.0, 5, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+    assert idle.tolist() == [1.0] + [0.0] * 14 + [1.0] * J
 
 
 def test_push_row_shifts_and_clips():
-    hist = np.zeros((3, 4), dtype=np.float32)
+    stack = observations.ObservationStack(3, 4)
     for k, row in enumerate(([1.0, -2.0, 11.0, 0.5], [2.0, 3.0, np.inf, -np.inf], [0.25, 10.0, 9.5, 4.0])):
-        flat = observations._push_row(hist, np.array(row), 10.0)
+        flat = stack.push(np.array(row))
     np.testing.assert_array_equal(flat.reshape(3, 4), [[1.0, 0.0, 10.0, 0.5], [2.0, 3.0, 10.0, 0.0],
                                                        [0.25, 10.0, 9.5, 4.0]])
     flat[:] = -1.0                                                 # a copy, not a view
-    assert hist.min() >= 0.0
+    assert stack.push(np.zeros(4)).min() >= 0.0
 
 
 def test_pack_words_matches_numpy():

@@ -306,3 +306,27 @@ def test_window_memo_keeps_values_within_the_replay_budget():
     second.put("big", np.zeros(80, dtype=np.uint8))          # 20 bytes left: refused
     assert WindowMemo(replay, 10, 15, reserve).get("big") is None
     assert WindowMemo(replay, 15, 20, reserve).visits == 1    # another window counts on its own
+
+
+@pytest.mark.parametrize("partition,balancer", [("hermes.adjust", "hermes.window"), ("hermes.ilp", "hermes.window")])
+def test_a_windows_objects_are_freed_without_the_garbage_collector(partition, balancer, tiny_model, tiny_hw, tiny_trace):
+    """A window's outcome and activity form no reference cycle (the activity holds its outcome
+    weakly): they are freed as the next window replaces them, not at the next collection, which
+    would keep every window's arrays alive meanwhile (and cost a pause per ~50 windows)."""
+    import gc
+    import weakref
+
+    sim = _sim(tiny_model, tiny_hw, tiny_trace, registry("partition").create(partition),
+               registry("balancer").create(balancer), 1)
+    gc.disable()
+    try:
+        run = sim.start()
+        out = run.next_window()
+        assert out.activity.outcome is out and out.activity.run is run
+        gone = weakref.ref(out), weakref.ref(out.activity)
+        run.apply_policies()
+        del out
+        run.next_window()
+        assert [ref() for ref in gone] == [None, None]
+    finally:
+        gc.enable()
