@@ -178,15 +178,25 @@ class WindowActivity:
         # sequence, see ndpsched.replay): neuron_counts is then one gather
         self._window_counts = window_counts
 
-    #: the run (a DecodeRun) and its WindowOutcome of this window, set by the simulator for
-    #: policies that observe the whole run
-    run: Any = None
+    # the run (a DecodeRun) and this window's WindowOutcome, set by the simulator for policies
+    # that observe the whole run; held weakly: the run holds its last outcome, which holds this
+    # activity, and a reference cycle would keep every window's (and every finished run's)
+    # arrays alive until the garbage collector ran
+    _run: Any = None
     _outcome: Any = None
 
     @property
+    def run(self) -> Any:
+        """The :class:`~ndpsched.simulator.DecodeRun` of the window (None if not set or gone)."""
+        return self._run() if self._run is not None else None
+
+    @run.setter
+    def run(self, run: Any) -> None:
+        self._run = None if run is None else weakref.ref(run)
+
+    @property
     def outcome(self) -> Any:
-        """The window's outcome (held weakly: the outcome holds this activity, and a reference
-        cycle would keep every window's arrays alive until the garbage collector ran)."""
+        """The window's :class:`~ndpsched.simulator.WindowOutcome` (None if not set or gone)."""
         return self._outcome() if self._outcome is not None else None
 
     @outcome.setter
@@ -195,15 +205,15 @@ class WindowActivity:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        if "_outcome" in state:                  # (a weak reference does not pickle: the outcome does)
-            state["_outcome"] = self.outcome
+        for key in ("_run", "_outcome"):          # (a weak reference does not pickle; its object does)
+            if key in state:
+                state[key] = getattr(self, key[1:])
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        outcome = state.pop("_outcome", None)
+        strong = {key: state.pop(key, None) for key in ("_run", "_outcome")}
         self.__dict__.update(state)
-        if outcome is not None:
-            self.outcome = outcome
+        self.run, self.outcome = strong["_run"], strong["_outcome"]
 
     @property
     def active(self) -> np.ndarray | None:

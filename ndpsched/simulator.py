@@ -12,6 +12,7 @@ import copy
 import functools
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -442,7 +443,12 @@ class DecodeRun:
         packed = self._active_packed
         if packed is None:
             return self._active
-        return lambda: self.active if self._active_packed is packed else np.unpackbits(packed, count=len(self._active))
+        run, n = weakref.ref(self), len(self._active)     # (weak: the activity must not keep the run alive)
+
+        def unpack() -> np.ndarray:
+            live = run()
+            return live.active if live is not None and live._active_packed is packed else np.unpackbits(packed, count=n)
+        return unpack
 
     @property
     def done(self) -> bool:

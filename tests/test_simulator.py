@@ -310,9 +310,10 @@ def test_window_memo_keeps_values_within_the_replay_budget():
 
 @pytest.mark.parametrize("partition,balancer", [("hermes.adjust", "hermes.window"), ("hermes.ilp", "hermes.window")])
 def test_a_windows_objects_are_freed_without_the_garbage_collector(partition, balancer, tiny_model, tiny_hw, tiny_trace):
-    """A window's outcome and activity form no reference cycle (the activity holds its outcome
-    weakly): they are freed as the next window replaces them, not at the next collection, which
-    would keep every window's arrays alive meanwhile (and cost a pause per ~50 windows)."""
+    """A window's outcome and activity form no reference cycle with each other or the run (the
+    activity holds both weakly): they are freed as the next window replaces them, and a run with
+    its last reference, not at the next collection, which would keep their arrays alive meanwhile
+    (and cost a pause per ~50 windows)."""
     import gc
     import weakref
 
@@ -328,5 +329,11 @@ def test_a_windows_objects_are_freed_without_the_garbage_collector(partition, ba
         del out
         run.next_window()
         assert [ref() for ref in gone] == [None, None]
+        while not run.done:                      # a finished run, too, goes with its last reference
+            run.apply_policies()
+            run.next_window()
+        gone = weakref.ref(run), weakref.ref(run.last), weakref.ref(run.last.activity)
+        del run
+        assert [ref() for ref in gone] == [None, None, None]
     finally:
         gc.enable()
