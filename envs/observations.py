@@ -53,32 +53,30 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
         candidate_states: (16,) histogram of FSM states of the cold neurons that are candidates
             for promotion (HotCold), or None.
     """
-    args = _feature_args(run, out, reference_token_s, last_moves, candidate_states)
+    arrays, scalars = _feature_args(run, out, reference_token_s, last_moves, candidate_states)
     n = len(COMMON_FEATURES) + out.activity.device_load.shape[1] - 1 + (len(STATE_LEVELS) if len(args[3]) else 0)
     row = np.empty(n, np.float64)
-    _feature_row(row, np.empty(len(out.activity.device_load)), *args)
+    _feature_row(row, np.empty(len(out.activity.device_load)), *arrays, _constants(run.sim), *scalars)
     return row
 
 
 def _feature_args(run: DecodeRun, out: WindowOutcome, reference_token_s: float, last_moves: dict[str, float],
-                  candidate_states: np.ndarray | None, consts: np.ndarray | None = None) -> tuple:
-    """The arguments of :func:`_feature_row` after its output row: the window's (2L, J + 1) loads,
-    (J + 1,) per-device loads and per-step DIMM imbalance, the candidates' state histogram (empty
-    if none), the simulator's constants (``consts``, else :func:`_constants`), then the scalars the
-    features are ratios of (plain floats: a kernel takes them for free, an array of them costs a
-    microsecond)."""
+                  candidate_states: np.ndarray | None) -> tuple[tuple, tuple]:
+    """The arguments of :func:`_feature_row` after its output and scratch rows, less the
+    simulator's constants (:func:`_constants`), which come between them: the window's (2L, J + 1)
+    loads, (J + 1,) per-device loads and per-step DIMM imbalance, and the candidates' state
+    histogram (empty if none); then the scalars the features are ratios of (plain floats: a kernel
+    takes them for free, an array of them costs a microsecond)."""
     cost = out.cost
     comps = cost.components
     per_device = out.device_activations
     if per_device is None:
         per_device = out.activity.device_load.sum(axis=0)
     cand = _NO_CANDIDATES if candidate_states is None else np.asarray(candidate_states, dtype=np.int64)
-    if consts is None:
-        consts = _constants(run.sim)
-    return (out.activity.device_load, per_device, cost.dimm_imbalance, cand, consts,
-            out.window_s, out.t1 - out.t0, reference_token_s, comps["exposed_migration"], comps["gpu_compute"],
-            comps["dimm_compute"], last_moves.get("dimm_link_bytes", 0.0), last_moves.get("pcie_bytes", 0.0),
-            run.next_step / run.sim.gen_len)
+    return ((out.activity.device_load, per_device, cost.dimm_imbalance, cand),
+            (out.window_s, out.t1 - out.t0, reference_token_s, comps["exposed_migration"], comps["gpu_compute"],
+             comps["dimm_compute"], last_moves.get("dimm_link_bytes", 0.0), last_moves.get("pcie_bytes", 0.0),
+             run.next_step / run.sim.gen_len))
 
 
 _NO_CANDIDATES = np.zeros(0, dtype=np.int64)
@@ -194,8 +192,9 @@ class ObservationStack:
 
     def __init__(self, history: int, n_features: int) -> None:
         self._hist = np.zeros((history, n_features), dtype=np.float32)   # rows clipped on entry
-        self._sim, self._consts = None, None       # the last simulator pushed and its _constants
-        self._scratch = np.zeros(0)                 # _push_window's row and per-stage scratch
+        self._sim = None                            # the simulator of the last push
+        # _push_window's work array: the simulator's _constants, then the row and per-stage scratch
+        self._work = np.zeros(0)
         #: mean per-step DIMM imbalance of the last window pushed (:meth:`push_window`)
         self.last_dimm_imbalance = float("nan")
 
@@ -211,11 +210,13 @@ class ObservationStack:
                     last_moves: dict[str, float], candidate_states: np.ndarray | None) -> np.ndarray:
         """``push(window_features(...))`` in one compiled call (the envs' step)."""
         if run.sim is not self._sim:
-            self._sim, self._consts = run.sim, _constants(run.sim)
-            self._scratch = np.zeros(self._hist.shape[1] + len(out.activity.device_load))
-        self.last_dimm_imbalance = _push_window(
-            self._hist, FEATURE_MAX, self._scratch,
-            *_feature_args(run, out, reference_token_s, last_moves, candidate_states, self._consts))
+            self._sim = run.sim
+            self._work = np.concatenate([_constants(run.sim),
+                                         np.zeros(self._hist.shape[1] + len(out.activity.device_load))])
+        arrays, scalars = _feature_args(run, out, reference_token_s, last_moves, candidate_states)
+        # (few arguments: each costs a quarter of a microsecond when the call runs cold, between
+        # two windows of the simulator)
+        self.last_dimm_imbalance = _push_window(self._hist, self._work, *arrays, *scalars)
         # (the copy here: an array returned by a kernel costs 3x more to hand back)
         return self._hist.ravel().copy()
 
@@ -242,13 +243,15 @@ def candidate_histogram(partition, run: DecodeRun, out: WindowOutcome) -> np.nda
 
 
 @kernel
-def _push_window(hist, top, scratch, device_load, per_device, imbalance, cand, consts, window_s, n_tokens,
-                 reference_token_s, exposed_s, gpu_compute_s, dimm_compute_s, link_bytes, pcie_bytes, progress):
-    """:func:`_feature_row` into ``scratch`` (the row, then the per-stage scratch), then
-    :func:`_push_row` of it; returns the window's mean DIMM imbalance."""
+def _push_window(hist, work, device_load, per_device, imbalance, cand, window_s, n_tokens, reference_token_s,
+                 exposed_s, gpu_compute_s, dimm_compute_s, link_bytes, pcie_bytes, progress):
+    """:func:`_feature_row` into ``work`` (after its first three values, the simulator's
+    :func:`_constants`: the row, then the per-stage scratch), then :func:`_push_row` of the row
+    clipped to [0, FEATURE_MAX]; returns the window's mean DIMM imbalance."""
     n_features = hist.shape[1]
-    imbalance_mean = _feature_row(scratch[:n_features], scratch[n_features:], device_load, per_device, imbalance,
-                                  cand, consts, window_s, n_tokens, reference_token_s, exposed_s, gpu_compute_s,
-                                  dimm_compute_s, link_bytes, pcie_bytes, progress)
-    _push_row(hist, scratch[:n_features], top)
+    row = work[3: 3 + n_features]
+    imbalance_mean = _feature_row(row, work[3 + n_features:], device_load, per_device, imbalance, cand, work[:3],
+                                  window_s, n_tokens, reference_token_s, exposed_s, gpu_compute_s, dimm_compute_s,
+                                  link_bytes, pcie_bytes, progress)
+    _push_row(hist, row, FEATURE_MAX)
     return imbalance_mean
