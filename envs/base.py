@@ -156,6 +156,9 @@ class SchedulingEnv(gym.Env):
         # a Discrete space's actions as _split returns them
         self._discrete_acts = ([{self.controlled[0]: a} for a in range(sizes[0])] if len(self.controlled) == 1
                                else None)
+        # the same where the action is not masked (the masks are fixed for the env's life), else None
+        self._valid_discrete = (None if self._discrete_acts is None else
+                                [acts if self._masks[a] else None for a, acts in enumerate(self._discrete_acts)])
         # each decision role's action settings (None: the agent does not control the role)
         self._settings = {role: self.grids[role].settings if role in self.grids else None for role in DECISION_ROLES}
         self._mask_offset = dict(zip(self.controlled, np.cumsum([0, *sizes[:-1]]).tolist()))
@@ -237,11 +240,15 @@ class SchedulingEnv(gym.Env):
         run = self._run
         if run is None or run.done:
             raise ConfigError("the episode is over (or was never started): call reset()")
-        acts = self._split(action)
-        mask, offset = self._masks, self._mask_offset
-        for role, a in acts.items():
-            if not mask[offset[role] + a]:
-                self._masked(role, a)
+        # a valid Discrete action is one lookup; anything else is split and checked against the masks
+        valid = self._valid_discrete
+        acts = valid[action] if valid is not None and type(action) is int and 0 <= action < len(valid) else None
+        if acts is None:
+            acts = self._split(action)
+            mask, offset = self._masks, self._mask_offset
+            for role, a in acts.items():
+                if not mask[offset[role] + a]:
+                    self._masked(role, a)
         activity, placement, sim = run.last.activity, run.placement, self.sim
         partition, balancer = sim.partition, sim.balancer
         # DECISION_ROLES' order: the partition first, then the balancer on the new hot set
