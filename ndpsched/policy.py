@@ -147,6 +147,23 @@ class BalanceMoves:
     priced: bool = True
 
 
+class _WeakAttribute:
+    """An instance attribute held through a weak reference: reads give the object, or None once
+    it is gone (stored as ``_<name>`` in the instance's dict)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = "_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        ref = obj.__dict__.get(self.key)
+        return ref() if ref is not None else None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.key] = None if value is None else weakref.ref(value)
+
+
 class WindowActivity:
     """What happened in the last window of tokens, for online policies.
 
@@ -179,29 +196,11 @@ class WindowActivity:
         self._window_counts = window_counts
 
     # the run (a DecodeRun) and this window's WindowOutcome, set by the simulator for policies
-    # that observe the whole run; held weakly: the run holds its last outcome, which holds this
-    # activity, and a reference cycle would keep every window's (and every finished run's)
-    # arrays alive until the garbage collector ran
-    _run: Any = None
-    _outcome: Any = None
-
-    @property
-    def run(self) -> Any:
-        """The :class:`~ndpsched.simulator.DecodeRun` of the window (None if not set or gone)."""
-        return self._run() if self._run is not None else None
-
-    @run.setter
-    def run(self, run: Any) -> None:
-        self._run = None if run is None else weakref.ref(run)
-
-    @property
-    def outcome(self) -> Any:
-        """The window's :class:`~ndpsched.simulator.WindowOutcome` (None if not set or gone)."""
-        return self._outcome() if self._outcome is not None else None
-
-    @outcome.setter
-    def outcome(self, outcome: Any) -> None:
-        self._outcome = None if outcome is None else weakref.ref(outcome)
+    # that observe the whole run (None if not set or gone); held weakly: the run holds its last
+    # outcome, which holds this activity, and a reference cycle would keep every window's (and
+    # every finished run's) arrays alive until the garbage collector ran
+    run = _WeakAttribute()
+    outcome = _WeakAttribute()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
