@@ -299,10 +299,9 @@ class SchedulingEnv(gym.Env):
             "reference_token_s": self._reference_token_s,
             "breakdown_s": out.cost.components,             # (a window's own dict: no copy)
             "dimm_imbalance": self._stack.last_dimm_imbalance,     # (the observation's pass computed it)
-            # (apply_partition and apply_balance always report these keys)
-            "moves": {"promoted": int(moves["promoted"]), "evicted": int(moves["evicted"]),
-                      "remapped": int(moves["remapped"])},
-            "bytes_moved": {"pcie": float(moves["pcie_bytes"]), "dimm_link": float(moves["dimm_link_bytes"])},
+            # (apply_partition and apply_balance always report these keys, as Python ints and floats)
+            "moves": {"promoted": moves["promoted"], "evicted": moves["evicted"], "remapped": moves["remapped"]},
+            "bytes_moved": {"pcie": moves["pcie_bytes"], "dimm_link": moves["dimm_link_bytes"]},
             "migration_energy_j": energy_j,
             "hot_fraction": out.gpu_activations / out.all_activations if out.all_activations else 0.0,
         }

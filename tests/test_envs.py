@@ -249,6 +249,21 @@ def test_steps_out_of_order_are_refused_without_gymnasiums_wrappers(env_id):
         env.step(env.unwrapped.heuristic_action())
 
 
+def test_info_values_are_plain_python_numbers():
+    """(JSON and CSV loggers take them as they are.)"""
+    env = make("ndpsched/Schedule-v0")
+    env.reset(seed=0)
+    infos = []
+    for _ in range(4):
+        infos.append(env.step(env.unwrapped.heuristic_action())[-1])
+    assert any(i["moves"]["remapped"] or i["moves"]["promoted"] for i in infos)
+    for info in infos:
+        assert all(type(v) is int for v in info["moves"].values())
+        assert all(type(v) is float for v in info["bytes_moved"].values())
+        assert all(type(info[k]) is float for k in ("window_s", "token_s", "dimm_imbalance", "hot_fraction",
+                                                   "migration_energy_j"))
+
+
 def test_evaluate_scores_heuristic_random_and_fixed_agents_the_same_way():
     kw = dict(env_id="ndpsched/DimmBalance-v0", n_episodes=3, seed=100, env_kwargs=TINY)
     results = [evaluate(HeuristicAgent(), **kw), evaluate(RandomAgent(seed=0), **kw),
