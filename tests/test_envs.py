@@ -249,6 +249,16 @@ def test_steps_out_of_order_are_refused_without_gymnasiums_wrappers(env_id):
         env.step(env.unwrapped.heuristic_action())
 
 
+@pytest.mark.parametrize("env_id", list(ENV_IDS))
+def test_max_episode_steps_truncates(env_id):
+    env = make(env_id, max_episode_steps=3)
+    env.reset(seed=0)
+    ends = [env.step(env.unwrapped.heuristic_action())[2:4] for _ in range(3)]
+    assert ends == [(False, False), (False, False), (False, True)]
+    env.reset(seed=1)                                # a new episode after the truncation
+    assert env.step(env.unwrapped.heuristic_action())[2:4] == (False, False)
+
+
 def test_info_values_are_plain_python_numbers():
     """(JSON and CSV loggers take them as they are.)"""
     env = make("ndpsched/Schedule-v0")
