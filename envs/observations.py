@@ -54,7 +54,7 @@ def window_features(run: DecodeRun, out: WindowOutcome, reference_token_s: float
             for promotion (HotCold), or None.
     """
     arrays, scalars = _feature_args(run, out, reference_token_s, last_moves, candidate_states)
-    n = len(COMMON_FEATURES) + out.activity.device_load.shape[1] - 1 + (len(STATE_LEVELS) if len(args[3]) else 0)
+    n = len(COMMON_FEATURES) + out.activity.device_load.shape[1] - 1 + (len(STATE_LEVELS) if len(arrays[3]) else 0)
     row = np.empty(n, np.float64)
     _feature_row(row, np.empty(len(out.activity.device_load)), *arrays, _constants(run.sim), *scalars)
     return row

@@ -250,6 +250,22 @@ def test_steps_out_of_order_are_refused_without_gymnasiums_wrappers(env_id):
 
 
 @pytest.mark.parametrize("env_id", list(ENV_IDS))
+def test_window_features_is_the_observations_last_row(env_id):
+    from ndpsched.envs.observations import FEATURE_MAX, candidate_histogram, window_features
+
+    env = make(env_id)
+    obs, _ = env.reset(seed=0)
+    u = env.unwrapped
+    run = u._run
+    moves = {"dimm_link_bytes": 0.0, "pcie_bytes": 0.0}
+    cand = candidate_histogram(u.sim.partition, run, run.last) if u.with_candidates else None
+    row = window_features(run, run.last, u._reference_token_s, moves, cand)
+    n = len(u.feature_names)
+    assert row.shape == (n,)
+    np.testing.assert_array_equal(obs[-n:], np.clip(row, 0.0, FEATURE_MAX).astype(np.float32))
+
+
+@pytest.mark.parametrize("env_id", list(ENV_IDS))
 def test_max_episode_steps_truncates(env_id):
     env = make(env_id, max_episode_steps=3)
     env.reset(seed=0)

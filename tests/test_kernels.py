@@ -53,7 +53,7 @@ def test_feature_row_matches_numpy(seed):
              dimm_s / (gpu_s + dimm_s)]
     want += list(np.sort(per_device[1:])[::-1] * (J / dimm_total))
     want += [cand[s:].sum() / 40.0 for s in (7, 9, 11, 13, 15)]    # state above each level
-    np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=0)
     idle = _feature_row(np.zeros((4, J + 1)), np.zeros(J + 1), np.ones(5), (1.0, 5, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
     assert idle.tolist() == [1.0] + [0.0] * 14 + [1.0] * J
 
